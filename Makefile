@@ -1,0 +1,26 @@
+# qpolicy: `make demo` runs the main job on the bundled default; `make test` runs the tests.
+# Both create .venv on first use. CPU-only install: torch 2.13.0 CPU build, jax CPU.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/qpolicy demo --out out/demo
+
+test: $(STAMP)
+	WANDB_MODE=offline $(BIN)/python -m pytest
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,159 @@
+"""The ``Denoiser`` object every other part of qpolicy consumes, and checkpoints on disk.
+
+A checkpoint is a folder holding ``meta.json`` (format, model config, dataset, schedule, training
+record, layer-list hash) and ``weights.msgpack`` (EMA params, float16 for shipped models, loaded
+as float32); ``train_state.msgpack`` (params, EMA, optimizer state, step) is added by training
+for resumption. Shipped checkpoints live in ``qpolicy/assets/models/<name>/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .diffusion import Schedule, schedule_from_dict
+from .io import atomic_write_json, load_pytree, read_json, save_pytree
+from .layers import LayerInfo, layer_hash, trace_layers
+from .models import UNet, UNetConfig
+
+ASSETS = Path(__file__).parent / "assets"
+MODELS_DIR = ASSETS / "models"
+FORMAT = "qpolicy-denoiser"
+FORMAT_VERSION = 1
+DEFAULT_MODEL = "digits16"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Denoiser:
+    """A denoiser ready for sampling and quantization.
+
+    module: any linen module with ``module.apply(variables, x (B,H,W,C), t (B,)) -> eps``.
+    variables: its variable collections; ``params`` is the one that gets quantized.
+    schedule: the forward-process schedule it was trained with. image_shape: (H, W, C).
+    name: model id (shipped name or folder name). layers: the quantizable-layer registry.
+    metadata: the checkpoint's meta.json contents (or what ``wrap_denoiser`` was told).
+    """
+
+    module: nn.Module
+    variables: Any
+    schedule: Schedule
+    image_shape: tuple[int, int, int]
+    name: str
+    layers: tuple[LayerInfo, ...]
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def params(self) -> Any:
+        return self.variables["params"]
+
+    @property
+    def layer_hash(self) -> str:
+        return layer_hash(self.layers)
+
+    @property
+    def dataset(self) -> str | None:
+        return self.metadata.get("dataset")
+
+    def apply(self, params: Any, x: jax.Array, t: jax.Array) -> jax.Array:
+        """eps = model(x, t) with ``params`` in place of the stored params collection."""
+        return self.module.apply({**self.variables, "params": params}, x, t)
+
+    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        return self.apply(self.params, x, t)
+
+
+def _validate_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (H, W, C) with positive sizes, got {image_shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def wrap_denoiser(module: nn.Module, params: Any, *, image_shape: Sequence[int], schedule: Schedule,
+                  name: str = "custom", metadata: dict | None = None) -> Denoiser:
+    """Turn a user's own linen module (``module.apply(variables, x, t) -> eps``) into a :class:`Denoiser`.
+
+    ``params`` may be the full variables dict (with a ``params`` key) or the params collection."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a flax.linen.Module, got {type(module).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError("schedule must be a qpolicy.diffusion.Schedule (see qpolicy.make_schedule)")
+    variables = dict(params) if "params" in params else {"params": params}
+    shape = _validate_image_shape(image_shape)
+    x = jnp.zeros((1, *shape), jnp.float32)
+    try:
+        out = jax.eval_shape(lambda v: module.apply(v, x, jnp.zeros((1,), jnp.int32)), variables)
+    except Exception as e:
+        raise ValueError(f"module.apply(variables, x {x.shape}, t (1,)) failed for image_shape={shape}: {e}") from e
+    if out.shape != x.shape:
+        raise ValueError(f"the denoiser must return eps with the input's shape {x.shape}, got {out.shape}")
+    layers = trace_layers(module, variables, shape)
+    meta = {"name": name, "image_shape": list(shape), "schedule": schedule.to_dict(),
+            "layer_hash": layer_hash(layers), **(metadata or {})}
+    return Denoiser(module=module, variables=variables, schedule=schedule, image_shape=shape, name=name,
+                    layers=layers, metadata=meta)
+
+
+def available_models() -> list[str]:
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "meta.json").exists()) if MODELS_DIR.exists() else []
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if str(name_or_path) in available_models():
+        return MODELS_DIR / str(name_or_path)
+    raise FileNotFoundError(
+        f"model {str(name_or_path)!r} is neither a checkpoint folder nor a shipped model; "
+        f"shipped models: {available_models()} (train one with `qpolicy denoiser train`)")
+
+
+def build_unet(meta: dict) -> UNet:
+    if meta.get("arch") != "unet":
+        raise ValueError(f"checkpoint arch {meta.get('arch')!r} is not supported by load_denoiser; accepted: 'unet' "
+                         "(wrap other models with qpolicy.wrap_denoiser)")
+    return UNet(UNetConfig.from_dict(meta["model_config"]))
+
+
+def load_denoiser(name_or_path: str | Path = DEFAULT_MODEL) -> Denoiser:
+    """Load a shipped model by name (``digits16``, ``patches32``) or a checkpoint folder."""
+    d = resolve_model_dir(name_or_path)
+    meta = read_json(d / "meta.json", what="checkpoint metadata")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{d / 'meta.json'}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    for key in ("model_config", "schedule", "image_shape"):
+        if key not in meta:
+            raise ValueError(f"{d / 'meta.json'} lacks field {key!r}")
+    module = build_unet(meta)
+    params = load_pytree(d / "weights.msgpack", what="checkpoint weights")
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    den = wrap_denoiser(module, {"params": params}, image_shape=meta["image_shape"],
+                        schedule=schedule_from_dict(meta["schedule"]), name=meta.get("name", d.name), metadata=meta)
+    if meta.get("layer_hash") and meta["layer_hash"] != den.layer_hash:
+        raise ValueError(f"{d}: layer-list hash {den.layer_hash} differs from the recorded {meta['layer_hash']}; "
+                         "the checkpoint does not match this version of the model code")
+    return den
+
+
+def save_checkpoint(out_dir: str | Path, *, module: UNet, params: Any, schedule: Schedule, dataset: str,
+                    image_shape: Sequence[int], train: dict, name: str | None = None,
+                    weights_dtype: str = "float32", extra: dict | None = None) -> Path:
+    """Write weights.msgpack then meta.json (each atomically) into ``out_dir``."""
+    out = Path(out_dir)
+    shape = _validate_image_shape(image_shape)
+    layers = trace_layers(module, {"params": params}, shape)
+    w = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=weights_dtype), params)
+    save_pytree(out / "weights.msgpack", w)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "name": name or out.name, "arch": "unet",
+            "model_config": module.cfg.to_dict(), "dataset": dataset, "image_shape": list(shape),
+            "schedule": schedule.to_dict(), "weights_dtype": weights_dtype,
+            "param_count": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params))),
+            "layer_hash": layer_hash(layers), "num_layers": len(layers), "train": train, **(extra or {})}
+    atomic_write_json(out / "meta.json", meta)
+    return out

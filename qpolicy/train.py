@@ -1,0 +1,154 @@
+"""Denoiser training: optax AdamW with warm-up, EMA weights, progress bar, wandb, checkpoints, resume."""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from .data import load_dataset
+from .denoiser import save_checkpoint
+from .diffusion import SCHEDULES, eps_loss, make_schedule
+from .io import atomic_write_bytes, load_pytree
+from .models import PRESETS, UNet, preset_config
+from .tracking import Tracker
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Denoiser training run. ``data``: dataset name (digits, faces, patches, npz:PATH, cifar10:DIR);
+    ``preset``: U-Net size preset; ``steps``: optimizer steps; ``out``: checkpoint folder."""
+
+    data: str
+    preset: str
+    steps: int
+    out: str
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    dropout: float | None = None
+    seed: int = 0
+    ckpt_every: int = 5000
+    log_every: int = 100
+    wandb: str = "offline"
+    weights_dtype: str = "float32"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for f in ("steps", "batch_size", "ckpt_every", "log_every", "num_timesteps"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.weights_dtype not in ("float32", "float16"):
+            raise ValueError(f"weights_dtype must be 'float32' or 'float16', got {self.weights_dtype!r}")
+
+
+def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    lr = optax.warmup_constant_schedule(0.0, cfg.lr, max(cfg.warmup, 1))
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(lr, weight_decay=cfg.weight_decay))
+
+
+def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume, if ``out/train_state.msgpack`` exists) and write checkpoints into ``cfg.out``.
+
+    Returns a summary dict: steps, first/last logged loss, wall seconds."""
+    ds = load_dataset(cfg.data, "train")
+    h, w, c = ds.image_shape
+    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    mcfg = preset_config(cfg.preset, image_size=h, in_channels=c, **overrides)
+    if h != w:
+        raise ValueError(f"dataset {cfg.data!r} has non-square images {ds.image_shape}; the U-Net needs H == W")
+    model = UNet(mcfg)
+    schedule = make_schedule(cfg.schedule, cfg.num_timesteps)
+    key = jax.random.key(cfg.seed)
+    key, init_key = jax.random.split(key)
+    params = model.init(init_key, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32))["params"]
+    tx = _optimizer(cfg)
+    state = {"params": params, "ema": params, "opt": tx.init(params), "step": 0, "key": jax.random.key_data(key)}
+    out = Path(cfg.out)
+    resume_file = out / "train_state.msgpack"
+    if resume_file.exists():
+        restored = load_pytree(resume_file, what="training state")
+        state = flax.serialization.from_state_dict(state, restored)
+    start = int(state["step"])
+    data = jnp.asarray(ds.images)
+
+    def loss_fn(p, x, k):
+        kd, kl = jax.random.split(k)
+        eps_fn = lambda xt, t: model.apply({"params": p}, xt, t, train=True, rngs={"dropout": kd})
+        return eps_loss(eps_fn, schedule, x, kl)
+
+    def one_step(carry, _):
+        p, ema, opt, k = carry
+        k, kb, kl = jax.random.split(k, 3)
+        x = data[jax.random.randint(kb, (cfg.batch_size,), 0, data.shape[0])]
+        loss, g = jax.value_and_grad(loss_fn)(p, x, kl)
+        upd, opt = tx.update(g, opt, p)
+        p = optax.apply_updates(p, upd)
+        ema = jax.tree_util.tree_map(lambda e, q: cfg.ema_decay * e + (1 - cfg.ema_decay) * q, ema, p)
+        return (p, ema, opt, k), loss
+
+    chunk_len = min(cfg.log_every, cfg.steps)  # steps run in jitted chunks of this many
+
+    @jax.jit
+    def chunk(p, ema, opt, k):
+        (p, ema, opt, k), losses = jax.lax.scan(one_step, (p, ema, opt, k), None, length=chunk_len)
+        return p, ema, opt, k, losses.mean()
+
+    tracker = Tracker(out, config=dataclasses.asdict(cfg), mode=cfg.wandb, name=cfg.name or out.name,
+                      resume=start > 0)
+    p, ema, opt = state["params"], state["ema"], state["opt"]
+    k = jax.random.wrap_key_data(jnp.asarray(state["key"]))
+    first_loss = last_loss = float("nan")
+    t0 = time.time()
+    step = start
+    bar = tqdm(total=cfg.steps, initial=start, desc="train denoiser", disable=not progress, unit="step")
+
+    def save(final: bool):
+        st = {"params": p, "ema": ema, "opt": opt, "step": step, "key": jax.random.key_data(k)}
+        atomic_write_bytes(resume_file, flax.serialization.msgpack_serialize(
+            jax.tree_util.tree_map(np.asarray, flax.serialization.to_state_dict(st))))
+        train_info = {"steps": step, "batch_size": cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
+                      "preset": cfg.preset, "seed": cfg.seed, "wall_s": round(time.time() - t0, 1),
+                      "machine": f"{platform.node()} {jax.devices()[0].device_kind}", "final_loss": last_loss,
+                      "complete": final}
+        save_checkpoint(out, module=model, params=ema, schedule=schedule, dataset=cfg.data,
+                        image_shape=ds.image_shape, train=train_info, name=cfg.name or out.name,
+                        weights_dtype=cfg.weights_dtype)
+
+    try:
+        while step < cfg.steps:
+            p, ema, opt, k, loss = chunk(p, ema, opt, k)
+            step += chunk_len
+            last_loss = float(loss)
+            if first_loss != first_loss:
+                first_loss = last_loss
+            tracker.log({"loss": last_loss}, step)
+            bar.update(chunk_len)
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            if step % cfg.ckpt_every < chunk_len and step < cfg.steps:
+                save(final=False)
+        save(final=True)
+    finally:
+        bar.close()
+        tracker.close()
+    return {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": time.time() - t0,
+            "out": str(out)}
