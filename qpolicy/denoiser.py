@@ -157,3 +157,24 @@ def save_checkpoint(out_dir: str | Path, *, module: UNet, params: Any, schedule:
             "layer_hash": layer_hash(layers), "num_layers": len(layers), "train": train, **(extra or {})}
     atomic_write_json(out / "meta.json", meta)
     return out
+
+
+def generate(den: Denoiser, n: int, *, steps: int = 20, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
+             batch_size: int = 256, progress: bool = False) -> np.ndarray:
+    """Draw ``n`` full-precision samples (N, H, W, C) in [-1, 1] from image keys 0..n-1 of ``seed``."""
+    from tqdm.auto import tqdm
+
+    from .diffusion import image_keys, make_sampler, sample
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    smp = make_sampler(den.schedule, sampler, steps, eta=eta)
+    run = jax.jit(lambda params, keys: sample(lambda x, t, i: den.apply(params, x, t), smp, keys, den.image_shape))
+    keys = image_keys(seed, n)
+    out = []
+    for s in tqdm(range(0, n, batch_size), desc="sample", disable=not progress):
+        kb = keys[s:s + batch_size]
+        if kb.shape[0] < batch_size and n > batch_size:  # pad so one compiled shape serves every batch
+            kb = jnp.concatenate([kb, keys[: batch_size - kb.shape[0]]])
+        out.append(np.asarray(run(den.params, kb))[: min(batch_size, n - s)])
+    return np.concatenate(out)[:n]

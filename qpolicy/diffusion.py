@@ -133,9 +133,19 @@ def make_sampler(schedule: Schedule, kind: str = "ddim", num_steps: int = 20, *,
                    kind=kind, eta=1.0 if kind == "ddpm" else float(eta), clip_x0=clip_x0)
 
 
-def sampler_step(sampler: Sampler, x_t: jax.Array, eps: jax.Array, i: jax.Array, key: jax.Array) -> jax.Array:
+def image_noise(keys: jax.Array, i: jax.Array | int, image_shape: tuple[int, ...]) -> jax.Array:
+    """Standard normal noise (B, *image_shape) for stream ``i`` of each image key.
+
+    Stream 0 is the initial x_T; stream i + 1 is the fresh noise of sampler step i. Noise is drawn per
+    image from its own key, so a trajectory does not depend on how images are batched, and the FP and
+    quantized runs of one image see the same noise."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), tuple(image_shape), jnp.float32))(keys)
+
+
+def sampler_step(sampler: Sampler, x_t: jax.Array, eps: jax.Array, i: jax.Array, keys: jax.Array) -> jax.Array:
     """One reverse step x_t -> x_{t_prev} given the model's eps at step index i (traced ok).
 
+    keys: (B,) per-image keys (see :func:`image_noise`).
     x0_hat = (x_t - sqrt(1-abar) eps) / sqrt(abar) (clipped to [-1, 1] if clip_x0, eps then re-derived),
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z."""
     abar, abar_prev, sigma = sampler.abar[i], sampler.abar_prev[i], sampler.sigma[i]
@@ -143,35 +153,30 @@ def sampler_step(sampler: Sampler, x_t: jax.Array, eps: jax.Array, i: jax.Array,
     if sampler.clip_x0:
         x0 = jnp.clip(x0, -1.0, 1.0)
         eps = (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
-    z = jax.random.normal(key, x_t.shape, x_t.dtype)
+    z = image_noise(keys, i + 1, x_t.shape[1:])
     dir_coef = jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0))
     return jnp.sqrt(abar_prev) * x0 + dir_coef * eps + sigma * z
 
 
-def step_keys(key: jax.Array, num_steps: int) -> jax.Array:
-    """Per-step sampler-noise keys; the FP and quantized runs use the same ones."""
-    return jax.random.split(jax.random.fold_in(key, 1), num_steps)
-
-
-def initial_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-
-
-def sample(eps_at: Callable, sampler: Sampler, key: jax.Array, shape: tuple[int, ...], *,
+def sample(eps_at: Callable, sampler: Sampler, keys: jax.Array, image_shape: tuple[int, ...], *,
            return_trajectory: bool = False):
-    """Run the reverse chain with ``lax.scan``.
+    """Run the reverse chain with ``lax.scan`` for a batch of per-image keys (B,).
 
     eps_at(x_t, t (B,), i) -> eps: the denoiser call (i, the step index, lets a quantized
-    denoiser pick that step's bits). Returns x_0 (shape) or (x_0, traj) with traj (S, *shape)
-    holding x after each step (traj[-1] == x_0)."""
-    x_T = initial_noise(key, shape)
-    keys = step_keys(key, sampler.num_steps)
+    denoiser pick that step's bits). Returns x_0 (B, *image_shape) or (x_0, traj) with traj
+    (S, B, *image_shape) holding x after each step (traj[-1] == x_0)."""
+    x = image_noise(keys, 0, image_shape)
 
-    def body(x, inp):
-        i, k = inp
-        t = jnp.full((shape[0],), sampler.timesteps[i], jnp.int32)
-        x = sampler_step(sampler, x, eps_at(x, t, i), i, k)
+    def body(x, i):
+        t = jnp.full((x.shape[0],), sampler.timesteps[i], jnp.int32)
+        x = sampler_step(sampler, x, eps_at(x, t, i), i, keys)
         return x, (x if return_trajectory else None)
 
-    x0, traj = jax.lax.scan(body, x_T, (jnp.arange(sampler.num_steps), keys))
+    x0, traj = jax.lax.scan(body, x, jnp.arange(sampler.num_steps))
     return (x0, traj) if return_trajectory else x0
+
+
+def image_keys(seed: int, n: int, offset: int = 0) -> jax.Array:
+    """Keys of images offset..offset+n-1 of the noise stream ``seed`` (a noise bank is such a range)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(offset, offset + n))

@@ -46,6 +46,7 @@ __all__ = [
     "kid",
     "precision_recall_coverage",
     "fd_real_split",
+    "sample_quality",
 ]
 
 ASSET_ROOT = Path(__file__).resolve().parent / "assets" / "features"
@@ -552,14 +553,12 @@ def precision_recall_coverage(real: np.ndarray, fake: np.ndarray, *, k: int = 5)
     }
 
 
-def fd_real_split(extractor: FeatureExtractor, dataset_name: str, n: int) -> float:
-    """Reference Fréchet distance between two disjoint sets of ``n`` real images each.
+def _real_reference(dataset_name: str, n: int) -> tuple[np.ndarray, int]:
+    """Shuffled real images for an n-sample comparison and the half size m.
 
-    This is the "floor" to compare a model's FD against when it is computed with ``n``
-    generated vs ``n`` real samples.  Uses the test split if it holds >= 2n images, else
-    all data; if even that holds fewer than 2n, uses two disjoint halves of what exists
-    (``len // 2`` each) and issues a warning with the count.  Selection: permutation seed 0.
-    """
+    Uses the test split if it holds >= 2n images, else all data (for ``digits`` that includes
+    training images: the test split has 360); if even that holds fewer than 2n, m = len // 2
+    (with a warning). Selection: permutation seed 0."""
     from qpolicy.data import load_dataset
 
     if int(n) != n or n < 2:
@@ -572,16 +571,37 @@ def fd_real_split(extractor: FeatureExtractor, dataset_name: str, n: int) -> flo
     if len(ds) < 2 * n:
         m = len(ds) // 2
         if m < 2:
-            raise ValueError(f"fd_real_split: dataset {dataset_name!r} has only {len(ds)} images; needs >= 4")
-        warnings.warn(
-            f"fd_real_split: dataset {dataset_name!r} has {len(ds)} images (< 2n = {2 * n}); "
-            f"using two disjoint halves of {m} images each"
-        )
+            raise ValueError(f"dataset {dataset_name!r} has only {len(ds)} images; needs >= 4")
+        warnings.warn(f"dataset {dataset_name!r} has {len(ds)} images (< 2n = {2 * n}); "
+                      f"comparing against disjoint halves of {m} images each")
     perm = np.random.default_rng(0).permutation(len(ds))
-    x = np.asarray(ds.images)
-    fa = extractor.features(x[perm[:m]])
-    fb = extractor.features(x[perm[m : 2 * m]])
-    return frechet_distance(fa, fb)
+    return np.asarray(ds.images)[perm[: 2 * m]], m
+
+
+def fd_real_split(extractor: FeatureExtractor, dataset_name: str, n: int) -> float:
+    """Reference Fréchet distance between two disjoint sets of real images (the floor).
+
+    The "floor" to compare a model's FD against when it is computed with ``n`` generated
+    vs ``n`` real samples; the real sets are those of :func:`_real_reference`."""
+    real, m = _real_reference(dataset_name, n)
+    return frechet_distance(extractor.features(real[:m]), extractor.features(real[m:]))
+
+
+def sample_quality(samples: np.ndarray, dataset_name: str, *, extractor: FeatureExtractor | None = None,
+                   real_features: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+    """Distribution metrics of ``samples`` (N, H, W, C) against real images of ``dataset_name``.
+
+    Returns fd (samples vs the first real half), fd_real_split (first vs second real half: the
+    floor), kid, precision, recall, density, coverage, n and n_real (the half size)."""
+    extractor = extractor or load_feature_extractor(dataset_name)
+    f_fake = extractor.features(np.asarray(samples))
+    if real_features is None:
+        real, m = _real_reference(dataset_name, len(samples))
+        real_features = (extractor.features(real[:m]), extractor.features(real[m:]))
+    ra, rb = real_features
+    out = {"fd": frechet_distance(f_fake, ra), "fd_real_split": frechet_distance(ra, rb),
+           "kid": kid(f_fake, ra), **precision_recall_coverage(ra, f_fake)}
+    return {**out, "n": int(len(samples)), "n_real": int(len(ra))}
 
 
 # =========================================================================== CLI

@@ -46,6 +46,7 @@ class TrainConfig:
     wandb: str = "offline"
     weights_dtype: str = "float32"
     name: str | None = None
+    time_limit_s: float | None = None  # stop early (and save) once this much wall time has passed
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -129,7 +130,7 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
         train_info = {"steps": step, "batch_size": cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
                       "preset": cfg.preset, "seed": cfg.seed, "wall_s": round(time.time() - t0, 1),
                       "machine": f"{platform.node()} {jax.devices()[0].device_kind}", "final_loss": last_loss,
-                      "complete": final}
+                      "complete": final and step >= cfg.steps}
         save_checkpoint(out, module=model, params=ema, schedule=schedule, dataset=cfg.data,
                         image_shape=ds.image_shape, train=train_info, name=cfg.name or out.name,
                         weights_dtype=cfg.weights_dtype)
@@ -144,6 +145,9 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
             tracker.log({"loss": last_loss}, step)
             bar.update(chunk_len)
             bar.set_postfix(loss=f"{last_loss:.4f}")
+            if cfg.time_limit_s is not None and time.time() - t0 > cfg.time_limit_s:
+                bar.write(f"time limit {cfg.time_limit_s:.0f}s reached at step {step}; saving")
+                break
             if step % cfg.ckpt_every < chunk_len and step < cfg.steps:
                 save(final=False)
         save(final=True)

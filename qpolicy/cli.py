@@ -1,0 +1,145 @@
+"""The ``qpolicy`` command line. Thin: parse arguments, call the library, print or write results."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=float))
+
+
+# ----------------------------------------------------------------------------- denoiser
+def cmd_denoiser_train(a) -> int:
+    from .train import TrainConfig, train_denoiser
+
+    cfg = TrainConfig(data=a.data, preset=a.preset, steps=a.steps, out=a.out, batch_size=a.batch_size, lr=a.lr,
+                      ema_decay=a.ema, schedule=a.schedule, seed=a.seed, ckpt_every=a.ckpt_every,
+                      log_every=a.log_every, wandb=a.wandb, weights_dtype=a.weights_dtype, name=a.name,
+                      time_limit_s=a.time_limit)
+    summary = train_denoiser(cfg)
+    _print_json(summary)
+    return 0
+
+
+def cmd_denoiser_sample(a) -> int:
+    from .data import save_image_grid
+    from .denoiser import generate, load_denoiser
+
+    den = load_denoiser(a.model)
+    x = generate(den, a.n, steps=a.steps, sampler=a.sampler, eta=a.eta, seed=a.seed, progress=True)
+    save_image_grid(a.out, x)
+    print(f"wrote {a.out} ({a.n} samples of {den.name}, {a.sampler} {a.steps} steps)")
+    return 0
+
+
+def cmd_denoiser_eval(a) -> int:
+    from .denoiser import generate, load_denoiser
+    from .metrics import sample_quality
+
+    den = load_denoiser(a.model)
+    if not den.dataset:
+        raise SystemExit(f"model {a.model!r} records no dataset, so there is no feature network to compare with")
+    x = generate(den, a.n, steps=a.steps, sampler=a.sampler, eta=a.eta, seed=a.seed, progress=not a.json)
+    res = {"model": den.name, "dataset": den.dataset, "sampler": a.sampler, "steps": a.steps,
+           **sample_quality(x, den.dataset)}
+    _print_json(res) if a.json else print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in res.items()))
+    return 0
+
+
+def cmd_layers(a) -> int:
+    from .denoiser import load_denoiser
+    from .layers import format_table
+
+    den = load_denoiser(a.model)
+    if a.json:
+        _print_json([{"path": l.path, "kind": l.kind, "params": l.params, "macs": l.macs,
+                      "weight_shape": list(l.weight_shape), "index": l.index} for l in den.layers])
+    else:
+        print(f"{den.name}: layer hash {den.layer_hash}")
+        print(format_table(den.layers))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .data import save_image_grid
+    from .denoiser import generate, load_denoiser
+
+    out = Path(a.out)
+    den = load_denoiser(a.model)
+    x = generate(den, 64, steps=20, progress=True)
+    grid = save_image_grid(out / "samples.png", x)
+    print(f"sample grid: {grid}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qpolicy", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    den = sub.add_parser("denoiser", help="train, sample and evaluate denoisers").add_subparsers(dest="sub",
+                                                                                                 required=True)
+    t = den.add_parser("train", help="train a U-Net denoiser (resumes if OUT holds a training state)")
+    t.add_argument("--data", required=True, help="digits | faces | patches | npz:PATH | cifar10:DIR")
+    t.add_argument("--preset", default="small", help="U-Net size preset (tiny, small, medium)")
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--out", required=True, help="checkpoint folder")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--ema", type=float, default=0.999)
+    t.add_argument("--schedule", default="linear", help="linear | cosine")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--ckpt-every", type=int, default=5000)
+    t.add_argument("--log-every", type=int, default=100)
+    t.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "offline"), help="offline | online | disabled")
+    t.add_argument("--weights-dtype", default="float32", help="float32 | float16 (stored weights)")
+    t.add_argument("--name", default=None)
+    t.add_argument("--time-limit", type=float, default=None, help="stop and save after this many seconds")
+    t.set_defaults(fn=cmd_denoiser_train)
+
+    def sampling_args(q, n_default):
+        q.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder")
+        q.add_argument("--n", type=int, default=n_default)
+        q.add_argument("--steps", type=int, default=20, help="sampler steps")
+        q.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+        q.add_argument("--eta", type=float, default=0.0)
+        q.add_argument("--seed", type=int, default=0)
+
+    s = den.add_parser("sample", help="write a sample grid PNG")
+    sampling_args(s, 64)
+    s.add_argument("--out", default="grid.png")
+    s.set_defaults(fn=cmd_denoiser_sample)
+    e = den.add_parser("eval", help="Fréchet distance of samples in the dataset's feature space")
+    sampling_args(e, 1000)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_denoiser_eval)
+
+    l = sub.add_parser("layers", help="list the quantizable layers (the action order)")
+    l.add_argument("--model", default="digits16")
+    l.add_argument("--json", action="store_true")
+    l.set_defaults(fn=cmd_layers)
+
+    d = sub.add_parser("demo", help="the main job on the bundled default model")
+    d.add_argument("--model", default="digits16")
+    d.add_argument("--out", default="out/demo")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qpolicy: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
