@@ -113,7 +113,7 @@ __all__ = [
 ]
 
 GRANULARITIES = ("tensor", "channel", "group")
-DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8, 16, 32)
 PASSTHROUGH_BITS = 32
 BITS_MAX_INT = 24
 BITS_MIN_SYMMETRIC = 2

@@ -1,0 +1,335 @@
+"""Quantized sampling: the denoiser with traced per-layer bits, FP reference banks, trajectory errors.
+
+Shapes: S sampler steps, L quantizable layers, B images, image (H, W, C).
+``bits_w`` / ``bits_a`` are int32 arrays, (L,) for one step or (S, L) for a schedule; they are
+traced data, so one compiled function serves every schedule. 32 means float passthrough.
+
+Errors follow DESIGN: e_i = ||x_hat_i - x_i||^2 / ||x_i||^2 per image after step i (x_i the FP
+trajectory from the same initial noise and the same sampler noise); ``final_error`` is e at the
+last step (the sample x_0); ``traj_error`` is the mean of e over steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cost import CostModel
+from .denoiser import Denoiser
+from .diffusion import Sampler, image_keys, image_noise, make_sampler, sampler_step
+from .io import atomic_write_bytes
+from .layers import activation_interceptor, map_layer_weights
+from .quant import ACT_DEFAULT, DEFAULT_BIT_CHOICES, WEIGHT_DEFAULT, QuantSpec, fake_quant, range_from
+
+ACT_RANGE_MODES = ("dynamic", "static")
+BANKS = ("train", "eval", "calib")
+#: Noise-bank seeds: the train, eval and calibration banks are disjoint streams of image keys.
+BANK_SEEDS = {"train": 1000, "eval": 2000, "calib": 3000}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How layers are quantized (static, compile-time): quantizer families, activation-range mode, choices.
+
+    w_spec / a_spec: weight / activation quantizer (defaults: symmetric per-output-channel weights,
+    asymmetric per-tensor activations). act_ranges: "dynamic" (abs-max/min-max per call) or "static"
+    (calibrated per (layer, step bucket) from FP trajectories). range_buckets: step buckets for static.
+    bit_choices: accepted bitwidths."""
+
+    w_spec: QuantSpec = WEIGHT_DEFAULT
+    a_spec: QuantSpec = ACT_DEFAULT
+    act_ranges: str = "dynamic"
+    range_buckets: int = 4
+    bit_choices: tuple[int, ...] = DEFAULT_BIT_CHOICES
+
+    def __post_init__(self) -> None:
+        if self.act_ranges not in ACT_RANGE_MODES:
+            raise ValueError(f"act_ranges must be one of {ACT_RANGE_MODES}, got {self.act_ranges!r}")
+        if self.range_buckets < 1:
+            raise ValueError(f"range_buckets must be >= 1, got {self.range_buckets}")
+        choices = tuple(int(b) for b in self.bit_choices)
+        if not choices or list(choices) != sorted(set(choices)) or choices[0] < 2 or choices[-1] > 32:
+            raise ValueError(f"bit_choices must be strictly increasing integers in [2, 32], got {self.bit_choices}")
+        object.__setattr__(self, "bit_choices", choices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights": dataclasses.asdict(self.w_spec), "activations": dataclasses.asdict(self.a_spec),
+                "act_ranges": self.act_ranges, "range_buckets": self.range_buckets,
+                "bit_choices": list(self.bit_choices)}
+
+
+def check_bits(bits: Any, choices: tuple[int, ...], *, field: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Validate host bits: integer, in the choice set, optionally of a given shape. Returns int32 array."""
+    a = np.asarray(bits)
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"{field} must have shape {tuple(shape)} (steps x layers), got {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        if not np.all(np.equal(np.mod(a, 1), 0)):
+            raise ValueError(f"{field} must hold integers, got dtype {a.dtype}")
+    bad = ~np.isin(a, choices)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{field}{list(pos)} = {a[pos]} is not an accepted bitwidth; accepted: {choices}")
+    return a.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantEngine:
+    """A denoiser + sampler + quantizer config: pure functions for quantized sampling steps.
+
+    act_ranges_table: (range_buckets, L, 2) static activation (min, max) per (step bucket, layer),
+    required when ``qcfg.act_ranges == "static"`` (see :func:`calibrate`)."""
+
+    den: Denoiser
+    sampler: Sampler
+    qcfg: QuantConfig = QuantConfig()
+    act_ranges_table: jax.Array | None = None
+
+    def __post_init__(self) -> None:
+        if self.qcfg.act_ranges == "static":
+            L = len(self.den.layers)
+            if self.act_ranges_table is None:
+                raise ValueError("act_ranges='static' needs a calibrated table: use qpolicy.rollout.make_engine(...)")
+            if tuple(self.act_ranges_table.shape) != (self.qcfg.range_buckets, L, 2):
+                raise ValueError(f"act_ranges_table must be (range_buckets, L, 2) = {(self.qcfg.range_buckets, L, 2)}, "
+                                 f"got {tuple(self.act_ranges_table.shape)}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.den.layers)
+
+    @property
+    def num_steps(self) -> int:
+        return self.sampler.num_steps
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.den.image_shape
+
+    def cost_model(self, latency: Any = None) -> CostModel:
+        return CostModel.from_layers(self.den.layers, self.qcfg.bit_choices, latency)
+
+    def bucket(self, i: jax.Array) -> jax.Array:
+        return (i * self.qcfg.range_buckets) // self.num_steps
+
+    def quantize_params(self, bits_w: jax.Array) -> Any:
+        """The params collection with each layer's weights fake-quantized at bits_w[l] (bits_w: (L,))."""
+        return map_layer_weights(self.den.params, self.den.layers,
+                                 lambda l, w: fake_quant(w, bits_w[l], self.qcfg.w_spec))
+
+    def eps(self, x: jax.Array, i: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
+        """Quantized eps at sampler step i for x (B, H, W, C), with (L,) bits."""
+        t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
+        if self.qcfg.act_ranges == "static":
+            table = self.act_ranges_table[self.bucket(i)]
+            fn = lambda l, a: fake_quant(a, bits_a[l], self.qcfg.a_spec, minmax=(table[l, 0], table[l, 1]))
+        else:
+            fn = lambda l, a: fake_quant(a, bits_a[l], self.qcfg.a_spec)
+        with nn.intercept_methods(activation_interceptor(self.den.layers, fn)):
+            return self.den.apply(self.quantize_params(bits_w), x, t)
+
+    def step(self, x: jax.Array, i: jax.Array, keys: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
+        """One quantized reverse step x_i -> x_{i+1} (B images, per-image keys (B,))."""
+        return sampler_step(self.sampler, x, self.eps(x, i, bits_w, bits_a), i, keys)
+
+    def fp_step(self, x: jax.Array, i: jax.Array, keys: jax.Array) -> jax.Array:
+        t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
+        return sampler_step(self.sampler, x, self.den(x, t), i, keys)
+
+    def initial(self, keys: jax.Array) -> jax.Array:
+        return image_noise(keys, 0, self.image_shape)
+
+    def trajectory(self, keys: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
+        """Quantized trajectory (S+1, B, H, W, C): x_T then x after each step, under (S, L) bits."""
+        def body(x, inp):
+            i, bw, ba = inp
+            x = self.step(x, i, keys, bw, ba)
+            return x, x
+
+        x0 = self.initial(keys)
+        _, traj = jax.lax.scan(body, x0, (jnp.arange(self.num_steps), bits_w, bits_a))
+        return jnp.concatenate([x0[None], traj])
+
+    @functools.cached_property
+    def errors_fn(self):
+        """Jitted :func:`schedule_errors` for this engine (bits are arguments: one compile serves all)."""
+        return jax.jit(lambda keys, ref, bw, ba: schedule_errors(self, keys, ref, bw, ba))
+
+    def fp_trajectory(self, keys: jax.Array) -> jax.Array:
+        """Full-precision trajectory (S+1, B, H, W, C) (x_T first)."""
+        def body(x, i):
+            x = self.fp_step(x, i, keys)
+            return x, x
+
+        x0 = self.initial(keys)
+        _, traj = jax.lax.scan(body, x0, jnp.arange(self.num_steps))
+        return jnp.concatenate([x0[None], traj])
+
+
+def relative_error(x_hat: jax.Array, x: jax.Array) -> jax.Array:
+    """||x_hat - x||^2 / ||x||^2 per image over the trailing (H, W, C) axes."""
+    axes = tuple(range(x.ndim - 3, x.ndim))
+    return jnp.sum((x_hat - x) ** 2, axes) / jnp.maximum(jnp.sum(x**2, axes), 1e-12)
+
+
+def calibrate(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, *, n: int = 32, seed: int = BANK_SEEDS["calib"]
+              ) -> jax.Array:
+    """Static activation ranges (range_buckets, L, 2): min/max of each layer's input over FP trajectories
+    of ``n`` calibration images, pooled within each step bucket."""
+    L = len(den.layers)
+    keys = image_keys(seed, n)
+
+    def ranges_at(x, i):
+        rec: dict[int, tuple] = {}
+
+        def fn(l, a):
+            lo, hi = range_from(a, ACT_DEFAULT)
+            rec[l] = (jnp.min(lo), jnp.max(hi))
+            return a
+
+        t = jnp.full((x.shape[0],), sampler.timesteps[i], jnp.int32)
+        with nn.intercept_methods(activation_interceptor(den.layers, fn)):
+            eps = den(x, t)
+        r = jnp.stack([jnp.stack(rec[l]) for l in range(L)])
+        return sampler_step(sampler, x, eps, i, keys), r
+
+    @jax.jit
+    def run():
+        _, r = jax.lax.scan(ranges_at, image_noise(keys, 0, den.image_shape), jnp.arange(sampler.num_steps))
+        return r  # (S, L, 2)
+
+    r = run()
+    b = (np.arange(sampler.num_steps) * qcfg.range_buckets) // sampler.num_steps
+    table = [jnp.stack([r[b == k, :, 0].min(0), r[b == k, :, 1].max(0)], -1) for k in range(qcfg.range_buckets)]
+    return jnp.stack(table)
+
+
+def _calib_path(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, n: int) -> Path:
+    tag = f"{den.layer_hash}_{sampler.kind}{sampler.num_steps}_b{qcfg.range_buckets}_n{n}"
+    return cache_dir() / "calib" / f"{den.name}_{tag}.npy"
+
+
+def make_engine(den: Denoiser, *, steps: int = 10, sampler: str = "ddim", eta: float = 0.0,
+                qcfg: QuantConfig | None = None, calib_n: int = 32) -> QuantEngine:
+    """Build a :class:`QuantEngine`; for static activation ranges, calibrate (cached on disk)."""
+    qcfg = qcfg or QuantConfig()
+    smp = make_sampler(den.schedule, sampler, steps, eta=eta)
+    table = None
+    if qcfg.act_ranges == "static":
+        path = _calib_path(den, smp, qcfg, calib_n)
+        if path.exists():
+            table = jnp.asarray(np.load(path))
+        else:
+            table = calibrate(den, smp, qcfg, n=calib_n)
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(table))
+            atomic_write_bytes(path, buf.getvalue())
+    return QuantEngine(den=den, sampler=smp, qcfg=qcfg, act_ranges_table=table)
+
+
+# ------------------------------------------------------------------------------------- reference banks
+def cache_dir() -> Path:
+    """On-disk cache root: $QPOLICY_CACHE, else ~/.cache/qpolicy."""
+    return Path(os.environ.get("QPOLICY_CACHE", Path.home() / ".cache" / "qpolicy"))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReferenceBank:
+    """FP reference trajectories of a bank of image keys.
+
+    keys: (N,) image keys; traj: (S+1, N, H, W, C) float32, traj[0] = x_T, traj[-1] = the FP sample."""
+
+    name: str
+    keys: jax.Array
+    traj: jax.Array
+
+    @property
+    def size(self) -> int:
+        return int(self.keys.shape[0])
+
+
+_BANKS: dict[str, ReferenceBank] = {}
+
+
+def reference_bank(engine: QuantEngine, bank: str = "train", size: int = 64, *, batch_size: int = 256,
+                   disk_cache: bool = True) -> ReferenceBank:
+    """FP trajectories for ``size`` images of the ``bank`` noise stream, computed once and cached in
+    memory and on disk (keyed by model layer hash + weights, sampler, bank and size)."""
+    if bank not in BANKS:
+        raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
+    if size < 1:
+        raise ValueError(f"bank size must be >= 1, got {size}")
+    wh = hashlib.sha256(b"".join(np.asarray(l).tobytes()[:4096] for l in jax.tree_util.tree_leaves(engine.den.params)))
+    key = (f"{engine.den.name}_{engine.den.layer_hash}_{wh.hexdigest()[:8]}_{engine.sampler.kind}{engine.num_steps}"
+           f"_eta{engine.sampler.eta:g}_{bank}{size}")
+    if key in _BANKS:
+        return _BANKS[key]
+    keys = image_keys(BANK_SEEDS[bank], size)
+    path = cache_dir() / "refs" / f"{key}.npy"
+    if disk_cache and path.exists():
+        traj = jnp.asarray(np.load(path))
+    else:
+        run = jax.jit(engine.fp_trajectory)
+        parts = [run(keys[s:s + batch_size]) for s in range(0, size, batch_size)]
+        traj = jnp.concatenate(parts, axis=1)
+        if disk_cache:
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(traj))
+            atomic_write_bytes(path, buf.getvalue())
+    rb = ReferenceBank(name=key, keys=keys, traj=traj)
+    _BANKS[key] = rb
+    return rb
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def schedule_errors(engine: QuantEngine, keys: jax.Array, ref_traj: jax.Array, bits_w: jax.Array,
+                    bits_a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-step errors (S, B) of the quantized run vs ``ref_traj`` (S+1, B, ...) and the final samples."""
+    traj = engine.trajectory(keys, bits_w, bits_a)
+    return relative_error(traj[1:], ref_traj[1:]), traj[-1]
+
+
+def evaluate_schedule(engine: QuantEngine, bank: ReferenceBank, bits_w: Any, bits_a: Any, *,
+                      batch_size: int = 256, with_fd: bool = False, cost: CostModel | None = None
+                      ) -> dict[str, Any]:
+    """Run a static (S, L) schedule on every image of ``bank``.
+
+    Returns cost summary (see CostModel.summary) plus per_step_error (S,), traj_error, final_error
+    (means over images), samples (N, H, W, C) numpy, and fd (+ fd_fp: the FP samples' fd) if with_fd."""
+    S, L = engine.num_steps, engine.num_layers
+    bw = jnp.asarray(check_bits(bits_w, engine.qcfg.bit_choices, field="bits_w", shape=(S, L)))
+    ba = jnp.asarray(check_bits(bits_a, engine.qcfg.bit_choices, field="bits_a", shape=(S, L)))
+    run = engine.errors_fn
+    errs, samples = [], []
+    for s in range(0, bank.size, batch_size):
+        e, x = run(bank.keys[s:s + batch_size], bank.traj[:, s:s + batch_size], bw, ba)
+        errs.append(np.asarray(e))
+        samples.append(np.asarray(x))
+    e = np.concatenate(errs, axis=1)  # (S, N)
+    out = {**(cost or engine.cost_model()).summary(np.asarray(bw), np.asarray(ba)),
+           "per_step_error": e.mean(1).tolist(), "traj_error": float(e.mean()), "final_error": float(e[-1].mean()),
+           "n": bank.size, "steps": S, "samples": np.concatenate(samples)}
+    if with_fd and engine.den.dataset:
+        from .metrics import sample_quality
+
+        out["fd"] = sample_quality(out["samples"], engine.den.dataset)["fd"]
+        out["fd_fp"] = sample_quality(np.asarray(bank.traj[-1]), engine.den.dataset)["fd"]
+    return out
+
+
+def uniform_bits(engine: QuantEngine, w: int, a: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S, L) schedules with every entry w (weights) and a (activations)."""
+    shape = (engine.num_steps, engine.num_layers)
+    return np.full(shape, w, np.int32), np.full(shape, a, np.int32)
