@@ -67,6 +67,41 @@ def cmd_layers(a) -> int:
     return 0
 
 
+def cmd_quantize(a) -> int:
+    from .denoiser import load_denoiser
+    from .rollout import QuantConfig, evaluate_schedule, make_engine, reference_bank, uniform_bits
+
+    den = load_denoiser(a.model)
+    steps = a.steps
+    bits = None
+    if a.schedule:
+        from .schedule import read_bits_file
+
+        bits = read_bits_file(a.schedule, L=len(den.layers))
+        steps = bits[0].shape[0]
+    eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=QuantConfig(act_ranges=a.act_ranges))
+    if a.schedule:
+        from .schedule import load_schedule_for
+
+        sched = load_schedule_for(a.schedule, den, eng.sampler)
+        bits = (sched.bits_w, sched.bits_a)
+    else:
+        if a.w is None or a.a is None:
+            raise ValueError("give --w and --a (uniform bits), or --schedule FILE")
+        bits = uniform_bits(eng, a.w, a.a)
+    bank = reference_bank(eng, a.bank, a.n)
+    res = evaluate_schedule(eng, bank, *bits, with_fd=not a.no_fd)
+    res.pop("samples")
+    res = {"model": den.name, "sampler": eng.sampler.kind, "act_ranges": a.act_ranges, **res}
+    if a.json:
+        _print_json(res)
+    else:
+        for k, v in res.items():
+            if k != "per_step_error":
+                print(f"{k:>18}: {v:.5g}" if isinstance(v, float) else f"{k:>18}: {v}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .data import save_image_grid
     from .denoiser import generate, load_denoiser
@@ -124,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--model", default="digits16")
     l.add_argument("--json", action="store_true")
     l.set_defaults(fn=cmd_layers)
+
+    q = sub.add_parser("quantize", help="run the quantized sampler under uniform bits or a schedule file")
+    q.add_argument("--model", default="digits16")
+    q.add_argument("--w", type=int, default=None, help="weight bits for every layer and step")
+    q.add_argument("--a", type=int, default=None, help="activation bits for every layer and step")
+    q.add_argument("--schedule", default=None, help="JSON schedule file (full BitSchedule or bits_w/bits_a T x L)")
+    q.add_argument("--n", type=int, default=256, help="images (from the eval noise bank)")
+    q.add_argument("--steps", type=int, default=10, help="sampler steps (ignored with --schedule)")
+    q.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+    q.add_argument("--act-ranges", default="dynamic", help="dynamic | static")
+    q.add_argument("--bank", default="eval", help="eval | train")
+    q.add_argument("--no-fd", action="store_true", help="skip the feature-space Fréchet distance")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_quantize)
 
     d = sub.add_parser("demo", help="the main job on the bundled default model")
     d.add_argument("--model", default="digits16")

@@ -98,7 +98,9 @@ def _macs(kind: str, module: nn.Module, w: Any, inp: Any, out: Any) -> int:
 
 
 def _is_array(a: Any) -> bool:
-    return isinstance(a, (jax.Array, np.ndarray)) and getattr(a, "ndim", 0) >= 1
+    """A floating array of rank >= 1 (integer inputs, e.g. embedding lookups, are not matmul inputs)."""
+    return (isinstance(a, (jax.Array, np.ndarray)) and getattr(a, "ndim", 0) >= 1
+            and jnp.issubdtype(a.dtype, jnp.floating))
 
 
 def trace_layers(module: nn.Module, variables: Any, image_shape: Sequence[int]) -> tuple[LayerInfo, ...]:
@@ -109,6 +111,8 @@ def trace_layers(module: nn.Module, variables: Any, image_shape: Sequence[int]) 
         out = next_fun(*args, **kwargs)
         mod = context.module
         if context.method_name != "__call__" or not args or not _is_array(args[0]):
+            return out
+        if isinstance(mod, nn.Embed):  # a table lookup, not a matmul
             return out
         kind = _kind_of(mod)
         weights = _weights_for(mod, kind)

@@ -1,0 +1,479 @@
+"""Functional (gymnax 1.0 style) core of the quantized-diffusion environments.
+
+``reset(key, params) -> (obs, state)`` and ``step(key, state, action, params) -> (obs, state, reward,
+terminated, truncated, info)`` are pure, jittable and vmappable. ``EnvParams`` (a pytree) holds the
+data: the per-layer cost table, the reward weights and the FP reference bank, so a sweep over lam /
+alpha / budget or a swap of the bank never recompiles. The static parts (quantization engine,
+reward mode, shapes) live on the core object.
+
+Episode: one sampling trajectory of T = ``num_steps`` steps for B = ``images_per_env`` images whose
+noise keys are drawn from the bank (without replacement) with the reset key. x_T is the bank's
+initial noise, so the quantized and FP runs start identical (e_{-1} = 0).
+
+Decisions
+---------
+* ``QuantDiffusionCore`` (``qpolicy/QuantDiffusion-v0``): one action per denoising step = choice
+  indices for every layer: (L,) tied, (2L,) = [weights (L), activations (L)] when separate.
+  Episode length T.
+* ``QuantDiffusionLayerwiseCore`` (``qpolicy/QuantDiffusionLayerwise-v0``): one action per layer
+  within each step: a scalar index tied, (2,) = [w, a] separate. The denoiser forward of step i runs
+  once layer L-1 has its bits. Episode length T*L.
+
+Reward (all modes; e, c as below)
+---------------------------------
+e_i = mean over the env's B images of min(err_b, error_clip), err_b = ||x̂_i - x_i||² / ||x_i||² after
+sampler step i against the FP reference at the same step; e_{-1} = 0.
+c = relative cost of one decision: per-step env c_i = step_cost(bits_i) / T = Σ_l table[l, w, a] / T;
+layer-wise c_{i,l} = table[l, w, a] / T, with table[l, w, a] = MACs_l·b_w·b_a / BOPs_FP32 (one forward),
+so Σ c over an episode = CostModel.summary(bits)["bops_rel_fp32"] = C_total. C_k: cumulative cost after
+decision k (C_0 = 0). Δe: e_i − e_{i−1} on a decision that runs step i's forward, 0 otherwise.
+
+* ``delta``:    r = −(α·Δe + λ·c).                Return = −(α·e_final + λ·C_total).
+* ``budget``:   r = −(α·Δe + λ·(max(0, C_k − β) − max(0, C_{k−1} − β)))   (β = budget; the penalty is
+  charged by the decision that pushes the running cost above β, by the amount it goes above).
+  Return = −(α·e_final + λ·max(0, C_total − β)).
+* ``terminal``: r = 0 except on the episode's last decision: r = −(α·e_final + β_fd·fd_proxy + λ·C_total).
+
+fd_proxy(x̂, x) (a cheap distribution distance between the env's final quantized and FP images): per
+image features f = [4x4-average-pool thumbnail (s·s·C values), mean, std]; over the B images, μ and σ
+(per feature, population std); fd_proxy = mean over features of (μ̂ − μ)² + (σ̂ − σ)² (the Fréchet
+distance between diagonal Gaussians, averaged per feature).
+
+Observation (float32, flat; see :meth:`obs_spec`; never the FP reference or the error)
+------------------------------------------------------------------------------------------
+==================  ============  ===================================================================
+name                size          meaning
+==================  ============  ===================================================================
+step_frac           1             i / T (i = sampler steps done; 1 at the end)
+t_frac              1             model timestep t_i / (num_train_timesteps - 1) of the next step
+t_sin, t_cos        1, 1          sin(π·t_frac), cos(π·t_frac)
+sqrt_abar           1             sqrt(ᾱ_{t_i}): the signal level of x_t (a sampler constant)
+x_mean, x_std       1, 1          per-image mean / std of x_t, averaged over the env's images
+x_absmax            1             per-image max |x_t|, averaged over the env's images
+thumb[y,x,c]        s·s·C         s×s average pool of x_t (s = thumb_size), averaged over images
+(layer-wise only)
+layer_frac          1             ℓ / L of the layer being decided
+kind[k]             6             one-hot of the layer kind (dense, conv, conv_transpose,
+                                  dense_general, einsum, custom)
+log_macs            1             (log MACs_ℓ − min) / (max − min) over layers
+log_params          1             (log params_ℓ − min) / (max − min) over layers
+stage[s]            4             one-hot of the U-Net stage from the path: down, mid, up, other
+cur_bits_{w,a}[l]   L or 2L       bits chosen so far this step, log2(b)/5; 0 = not chosen yet
+(both)
+prev_bits_{w,a}[l]  L or 2L       bits chosen at the previous step, log2(b)/5 (32 -> 1); 0 before step 0
+cost                1             running cost C (units of the FP32 trajectory's BOPs)
+==================  ============  ===================================================================
+With tied bits only the ``w`` block is present (it stands for both).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qpolicy.denoiser import Denoiser, load_denoiser
+from qpolicy.rollout import QuantConfig, QuantEngine, make_engine, reference_bank, relative_error
+
+from .config import EnvConfig
+
+KINDS = ("dense", "conv", "conv_transpose", "dense_general", "einsum", "custom")
+STAGES = ("down", "mid", "up", "other")
+
+
+@flax.struct.dataclass
+class EnvParams:
+    """Data of an environment (a pytree: pass it into jitted code; changing it never recompiles).
+
+    cost_table: (L, C, C) float32, relative cost of layer l for one forward at (w choice, a choice);
+    Σ_l over the FP32 choice = 1. bit_choices: (C,) int32. alpha, lam, budget, beta_fd, error_clip:
+    float32 scalars (see module doc). bank_keys: (N,) image keys; bank_traj: (T+1, N, H, W, C) FP
+    trajectories (bank_traj[0] = x_T)."""
+
+    cost_table: jax.Array
+    bit_choices: jax.Array
+    alpha: jax.Array
+    lam: jax.Array
+    budget: jax.Array
+    beta_fd: jax.Array
+    error_clip: jax.Array
+    bank_keys: jax.Array
+    bank_traj: jax.Array
+
+
+@flax.struct.dataclass
+class EnvState:
+    """One env's state. x: (B, H, W, C) current quantized x; idx: (B,) bank indices; i: sampler steps
+    done; layer: next layer to decide (0 for the per-step env); cur_w/cur_a: (L,) choice indices chosen
+    this step (-1 = not yet); prev_w/prev_a: (L,) previous step's indices (-1 before step 0);
+    error: e after the latest forward; error_sum: Σ e over done steps; cost: running cost C;
+    bits_w_sum/bits_a_sum/n_bits: sums for the running mean bits."""
+
+    x: jax.Array
+    idx: jax.Array
+    i: jax.Array
+    layer: jax.Array
+    cur_w: jax.Array
+    cur_a: jax.Array
+    prev_w: jax.Array
+    prev_a: jax.Array
+    error: jax.Array
+    error_sum: jax.Array
+    cost: jax.Array
+    bits_w_sum: jax.Array
+    bits_a_sum: jax.Array
+    n_bits: jax.Array
+
+
+_DENOISERS: dict[str, Denoiser] = {}
+
+
+def resolve_model(model: Any) -> Denoiser:
+    if isinstance(model, Denoiser):
+        return model
+    k = str(model)
+    if k not in _DENOISERS:
+        _DENOISERS[k] = load_denoiser(model)
+    return _DENOISERS[k]
+
+
+def cost_table(engine: QuantEngine) -> np.ndarray:
+    """(L, C, C) relative cost per layer and (w, a) choice for one forward (BOPs or the latency table)."""
+    cm = engine.cost_model()
+    ch = np.asarray(cm.bit_choices, np.float64)
+    if cm.latency is None:
+        return cm.macs[:, None, None] * ch[None, :, None] * ch[None, None, :] / cm.bops_fp32
+    L = len(cm.macs)
+    return np.asarray(cm.latency) / np.asarray(cm.latency)[np.arange(L), -1, -1].sum()
+
+
+def _image_feats(x: jax.Array, s: int) -> jax.Array:
+    """Per-image features (B, s*s*C + 2): s x s average-pool thumbnail, mean, std."""
+    B, H, W, C = x.shape
+    if H % s == 0 and W % s == 0:
+        th = x.reshape(B, s, H // s, s, W // s, C).mean((2, 4))
+    else:
+        th = jax.image.resize(x, (B, s, s, C), "linear", antialias=True)
+    return jnp.concatenate([th.reshape(B, -1), x.mean((1, 2, 3))[:, None], x.std((1, 2, 3))[:, None]], -1)
+
+
+def fd_proxy(x_hat: jax.Array, x: jax.Array, thumb_size: int = 4) -> jax.Array:
+    """Diagonal-Gaussian Fréchet distance between the feature distributions of two image sets (B, H, W, C)
+    (features: see :func:`_image_feats`), averaged over features."""
+    fa, fb = _image_feats(x_hat, thumb_size), _image_feats(x, thumb_size)
+    return jnp.mean((fa.mean(0) - fb.mean(0)) ** 2 + (fa.std(0) - fb.std(0)) ** 2)
+
+
+class _CoreBase:
+    """Shared machinery. ``engine`` (static), ``config``; see the module doc for the contracts."""
+
+    layerwise: bool = False
+    INFO_KEYS = ("error", "error_delta", "step_cost", "cost", "traj_error", "bits_w_mean", "bits_a_mean",
+                 "fd_proxy", "step", "layer")
+
+    def __init__(self, config: EnvConfig, engine: QuantEngine | None = None):
+        self.config = config
+        den = resolve_model(config.model)
+        if engine is None:
+            qcfg = QuantConfig(act_ranges=config.act_ranges, bit_choices=config.bit_choices)
+            engine = make_engine(den, steps=config.num_steps, sampler=config.sampler, eta=config.eta, qcfg=qcfg)
+        self.engine = engine
+        self.T, self.L = engine.num_steps, engine.num_layers
+        self.C = len(engine.qcfg.bit_choices)
+        self.B = config.images_per_env
+        self.tied = config.tie_weights_activations
+        self.reward_mode = config.reward
+        self._log2_choices = jnp.asarray(np.log2(engine.qcfg.bit_choices) / 5.0, jnp.float32)
+        self._layer_feats = jnp.asarray(self._static_layer_features(), jnp.float32)
+        smp = engine.sampler
+        self._t_frac = jnp.asarray(np.asarray(smp.timesteps) / max(den.schedule.num_timesteps - 1, 1), jnp.float32)
+        self._sqrt_abar = jnp.sqrt(smp.abar)
+        #: traces of each public pure function (a trace = a (re)compilation when jitted)
+        self.trace_counts: collections.Counter = collections.Counter()
+
+    # ------------------------------------------------------------------ params
+    def make_params(self, *, bank: str | None = None, bank_size: int | None = None, **weights: float) -> EnvParams:
+        """EnvParams from the config; override the bank ("train"/"eval"), its size, or reward weights
+        (alpha, lam, budget, beta_fd, error_clip) by keyword."""
+        cfg = self.config.replace(**{k: v for k, v in dict(bank=bank, bank_size=bank_size, **weights).items()
+                                      if v is not None})
+        rb = reference_bank(self.engine, cfg.bank, cfg.bank_size)
+        f = lambda v: jnp.asarray(v, jnp.float32)
+        return EnvParams(cost_table=f(cost_table(self.engine)), bit_choices=jnp.asarray(cfg.bit_choices, jnp.int32),
+                         alpha=f(cfg.alpha), lam=f(cfg.lam), budget=f(cfg.budget), beta_fd=f(cfg.beta_fd),
+                         error_clip=f(cfg.error_clip), bank_keys=rb.keys, bank_traj=rb.traj)
+
+    @functools.cached_property
+    def default_params(self) -> EnvParams:
+        return self.make_params()
+
+    # ------------------------------------------------------------------ spaces
+    @property
+    def episode_length(self) -> int:
+        return self.T * self.L if self.layerwise else self.T
+
+    def action_nvec(self) -> tuple[int, ...]:
+        """MultiDiscrete sizes of one action (``()`` means a single Discrete(C))."""
+        raise NotImplementedError
+
+    def obs_spec(self) -> list[str]:
+        """Names of the observation's entries, in order (see the module doc table)."""
+        H, W, C = self.engine.image_shape
+        s = self.config.thumb_size
+        names = ["step_frac", "t_frac", "t_sin", "t_cos", "sqrt_abar", "x_mean", "x_std", "x_absmax"]
+        names += [f"thumb[{y},{x},{c}]" for y in range(s) for x in range(s) for c in range(C)]
+        groups = ("w",) if self.tied else ("w", "a")
+        if self.layerwise:
+            names += ["layer_frac", *[f"kind[{k}]" for k in KINDS], "log_macs", "log_params",
+                      *[f"stage[{k}]" for k in STAGES]]
+            names += [f"cur_bits_{g}[{l}]" for g in groups for l in range(self.L)]
+        names += [f"prev_bits_{g}[{l}]" for g in groups for l in range(self.L)]
+        names += ["cost"]
+        return names
+
+    @property
+    def obs_size(self) -> int:
+        return len(self.obs_spec())
+
+    def _static_layer_features(self) -> np.ndarray:
+        layers = self.engine.den.layers
+        L = len(layers)
+
+        def norm_log(v):
+            v = np.log(np.maximum(np.asarray(v, np.float64), 1.0))
+            span = v.max() - v.min()
+            return (v - v.min()) / span if span > 0 else np.full_like(v, 0.5)
+
+        macs, prm = norm_log([l.macs for l in layers]), norm_log([l.params for l in layers])
+        rows = []
+        for l, info in enumerate(layers):
+            kind = np.eye(len(KINDS))[KINDS.index(info.kind) if info.kind in KINDS else KINDS.index("custom")]
+            head = info.path.split("/")[0]
+            stage = next((k for k in STAGES[:3] if head == k or head.startswith(k + "_")), "other")
+            rows.append(np.concatenate([[l / L], kind, [macs[l], prm[l]], np.eye(len(STAGES))[STAGES.index(stage)]]))
+        return np.stack(rows)
+
+    # ------------------------------------------------------------------ observation
+    def _bits_feat(self, idx: jax.Array) -> jax.Array:
+        return jnp.where(idx >= 0, self._log2_choices[jnp.clip(idx, 0, self.C - 1)], 0.0)
+
+    def get_obs(self, state: EnvState, params: EnvParams) -> jax.Array:
+        """The flat float32 observation of ``state`` (layout: :meth:`obs_spec`)."""
+        j = jnp.minimum(state.i, self.T - 1)
+        tf = self._t_frac[j]
+        x = state.x
+        time = jnp.stack([state.i / self.T, tf, jnp.sin(jnp.pi * tf), jnp.cos(jnp.pi * tf), self._sqrt_abar[j]])
+        feats = _image_feats(x, self.config.thumb_size)
+        stats = jnp.stack([x.mean((1, 2, 3)).mean(), x.std((1, 2, 3)).mean(), jnp.abs(x).max((1, 2, 3)).mean()])
+        parts = [time, stats, feats[:, :-2].mean(0)]
+        if self.layerwise:
+            parts.append(self._layer_feats[jnp.minimum(state.layer, self.L - 1)])
+            parts.append(self._bits_feat(state.cur_w))
+            if not self.tied:
+                parts.append(self._bits_feat(state.cur_a))
+        parts.append(self._bits_feat(state.prev_w))
+        if not self.tied:
+            parts.append(self._bits_feat(state.prev_a))
+        parts.append(state.cost[None])
+        return jnp.concatenate([p.astype(jnp.float32).reshape(-1) for p in parts])
+
+    # ------------------------------------------------------------------ reset
+    def reset(self, key: jax.Array, params: EnvParams) -> tuple[jax.Array, EnvState]:
+        """Draw B bank images (without replacement) with ``key``; x = their x_T."""
+        self.trace_counts["reset"] += 1
+        N = params.bank_keys.shape[0]
+        idx = jax.random.choice(key, N, (self.B,), replace=False).astype(jnp.int32)
+        neg = jnp.full((self.L,), -1, jnp.int32)
+        z = jnp.zeros((), jnp.float32)
+        state = EnvState(x=params.bank_traj[0, idx], idx=idx, i=jnp.zeros((), jnp.int32),
+                         layer=jnp.zeros((), jnp.int32), cur_w=neg, cur_a=neg, prev_w=neg, prev_a=neg,
+                         error=z, error_sum=z, cost=z, bits_w_sum=z, bits_a_sum=z, n_bits=jnp.zeros((), jnp.int32))
+        return self.get_obs(state, params), state
+
+    # ------------------------------------------------------------------ step pieces
+    def _forward(self, state: EnvState, iw: jax.Array, ia: jax.Array, params: EnvParams):
+        """Quantized sampler step i with (L,) choice indices; returns (x_next, e_i, x_ref_next)."""
+        bw, ba = params.bit_choices[iw], params.bit_choices[ia]
+        keys = params.bank_keys[state.idx]
+        x = self.engine.step(state.x, state.i, keys, bw, ba)
+        ref = params.bank_traj[state.i + 1, state.idx]
+        e = jnp.mean(jnp.minimum(relative_error(x, ref), params.error_clip))
+        return x, e, ref
+
+    def _reward(self, e_prev, e_new, cost_prev, cost_new, c, last, fd, params: EnvParams) -> jax.Array:
+        de = e_new - e_prev
+        if self.reward_mode == "delta":
+            return -(params.alpha * de + params.lam * c)
+        if self.reward_mode == "budget":
+            over = lambda C: jnp.maximum(0.0, C - params.budget)
+            return -(params.alpha * de + params.lam * (over(cost_new) - over(cost_prev)))
+        final = -(params.alpha * e_new + params.beta_fd * fd + params.lam * cost_new)
+        return jnp.where(last, final, 0.0)
+
+    def _split(self, action: jax.Array) -> tuple[jax.Array, jax.Array]:
+        a = jnp.asarray(action, jnp.int32).reshape(-1)
+        a = jnp.clip(a, 0, self.C - 1)
+        if self.tied:
+            return a, a
+        n = a.shape[0] // 2
+        return a[:n], a[n:]
+
+    def _finish(self, state: EnvState, new: EnvState, c, e_prev, forward: bool, last, fd, ref_x, params):
+        reward = self._reward(e_prev, new.error, state.cost, new.cost, c, last, fd, params)
+        steps_done = jnp.maximum(new.i, 1)
+        info = {"error": new.error, "error_delta": new.error - e_prev, "step_cost": c, "cost": new.cost,
+                "traj_error": new.error_sum / steps_done,
+                "bits_w_mean": new.bits_w_sum / jnp.maximum(new.n_bits, 1),
+                "bits_a_mean": new.bits_a_sum / jnp.maximum(new.n_bits, 1),
+                "fd_proxy": fd, "step": new.i, "layer": new.layer}
+        info = {k: jnp.asarray(v, jnp.int32 if k in ("step", "layer") else jnp.float32) for k, v in info.items()}
+        terminated = jnp.asarray(last, bool)
+        return self.get_obs(new, params), new, reward.astype(jnp.float32), terminated, jnp.zeros((), bool), info
+
+    def _transition(self, state: EnvState, action: jax.Array, params: EnvParams, forward: bool | None):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public steps
+    def step_env(self, key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams):
+        """One decision without auto-reset -> (obs, state, reward, terminated, truncated, info).
+
+        ``key`` is unused by the dynamics (sampler noise comes from the images' bank keys) and kept for the
+        gymnax signature. ``terminated`` is True on the episode's last decision; ``truncated`` is always False."""
+        self.trace_counts["step_env"] += 1
+        return self._transition(state, action, params, None)
+
+    def step(self, key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams):
+        """gymnax-style step with auto-reset: on the last decision the returned obs/state are those of a fresh
+        episode drawn with ``key``; reward, flags and info belong to the finished decision."""
+        self.trace_counts["step"] += 1
+        return self._autoreset(key, *self._transition(state, action, params, None), params)[:6]
+
+    def _autoreset(self, key, obs, state, reward, term, trunc, info, params):
+        done = jnp.logical_or(term, trunc)
+        obs_re, state_re = self.reset(key, params)
+        sel = lambda a, b: jnp.where(done, a, b)
+        return (sel(obs_re, obs), jax.tree_util.tree_map(sel, state_re, state), reward, term, trunc, info, obs)
+
+    # ------------------------------------------------------------------ batched (adapters)
+    def reset_batch(self, key: jax.Array, params: EnvParams, num_envs: int):
+        """reset for ``num_envs`` envs with keys split from ``key`` -> (obs (n, D), states)."""
+        self.trace_counts["reset_batch"] += 1
+        return jax.vmap(self.reset, in_axes=(0, None))(jax.random.split(key, num_envs), params)
+
+    def step_batch(self, key: jax.Array, states: EnvState, actions: jax.Array, params: EnvParams):
+        """Step n envs (states/actions batched on axis 0) with SAME_STEP auto-reset.
+
+        Returns (obs, states, reward, terminated, truncated, info, final_obs): obs/states of the new episode
+        where an env finished; ``final_obs`` the observation the finished decision produced (equal to obs
+        elsewhere). For the layer-wise env all envs of a batch must be in lockstep (same step and layer),
+        which the adapters guarantee (fixed episode length, all envs reset together); the forward then runs
+        only on decisions that complete a step."""
+        self.trace_counts["step_batch"] += 1
+        n = actions.shape[0]
+        keys = jax.random.split(key, n)
+
+        def one(forward):
+            def f(k, s, a):
+                return self._autoreset(k, *self._transition(s, a, params, forward), params)
+            return jax.vmap(f)
+
+        if not self.layerwise:
+            return one(True)(keys, states, actions)
+        return jax.lax.cond(states.layer[0] == self.L - 1, one(True), one(False), keys, states, actions)
+
+    @functools.cached_property
+    def jit_reset(self):
+        return jax.jit(self.reset)
+
+    @functools.cached_property
+    def jit_step_env(self):
+        return jax.jit(self.step_env)
+
+    @functools.cached_property
+    def jit_reset_batch(self):
+        return jax.jit(self.reset_batch, static_argnums=2)
+
+    @functools.cached_property
+    def jit_step_batch(self):
+        return jax.jit(self.step_batch)
+
+
+class QuantDiffusionCore(_CoreBase):
+    """Per-step decisions (``qpolicy/QuantDiffusion-v0``): action = (L,) tied or (2L,) [w | a] choice indices."""
+
+    layerwise = False
+
+    def action_nvec(self) -> tuple[int, ...]:
+        return (self.C,) * (self.L if self.tied else 2 * self.L)
+
+    def _transition(self, state, action, params, forward):
+        iw, ia = self._split(action)
+        x, e, ref = self._forward(state, iw, ia, params)
+        c = jnp.sum(params.cost_table[jnp.arange(self.L), iw, ia]) / self.T
+        i = state.i + 1
+        new = state.replace(x=x, i=i, prev_w=iw, prev_a=ia, error=e, error_sum=state.error_sum + e,
+                            cost=state.cost + c,
+                            bits_w_sum=state.bits_w_sum + params.bit_choices[iw].sum().astype(jnp.float32),
+                            bits_a_sum=state.bits_a_sum + params.bit_choices[ia].sum().astype(jnp.float32),
+                            n_bits=state.n_bits + self.L)
+        last = i >= self.T
+        return self._finish(state, new, c, state.error, True, last, fd_proxy(x, ref, self.config.thumb_size),
+                            ref, params)
+
+
+class QuantDiffusionLayerwiseCore(_CoreBase):
+    """Layer-wise decisions (``qpolicy/QuantDiffusionLayerwise-v0``): action = a choice index (tied) or
+    (2,) [w, a]; the forward of step i runs on the decision for layer L-1."""
+
+    layerwise = True
+
+    def action_nvec(self) -> tuple[int, ...]:
+        return () if self.tied else (self.C, self.C)
+
+    def _transition(self, state, action, params, forward):
+        if forward is None:  # unbatched: branch on the traced layer counter (a select under vmap)
+            return jax.lax.cond(state.layer == self.L - 1,
+                                lambda s, a: self._transition(s, a, params, True),
+                                lambda s, a: self._transition(s, a, params, False), state, action)
+        iw1, ia1 = self._split(action)
+        iw, ia = iw1[0], ia1[0]
+        l = state.layer
+        cur_w, cur_a = state.cur_w.at[l].set(iw), state.cur_a.at[l].set(ia)
+        c = params.cost_table[l, iw, ia] / self.T
+        common = dict(cost=state.cost + c, n_bits=state.n_bits + 1,
+                      bits_w_sum=state.bits_w_sum + params.bit_choices[iw].astype(jnp.float32),
+                      bits_a_sum=state.bits_a_sum + params.bit_choices[ia].astype(jnp.float32))
+        if forward:
+            x, e, ref = self._forward(state, cur_w, cur_a, params)
+            neg = jnp.full((self.L,), -1, jnp.int32)
+            new = state.replace(x=x, i=state.i + 1, layer=jnp.zeros((), jnp.int32), cur_w=neg, cur_a=neg,
+                                prev_w=cur_w, prev_a=cur_a, error=e, error_sum=state.error_sum + e, **common)
+            last = new.i >= self.T
+        else:
+            ref = params.bank_traj[state.i, state.idx]
+            new = state.replace(layer=l + 1, cur_w=cur_w, cur_a=cur_a, **common)
+            last = jnp.zeros((), bool)
+        fd = fd_proxy(new.x, ref, self.config.thumb_size)
+        return self._finish(state, new, c, state.error, forward, last, fd, ref, params)
+
+
+_CORES: dict[tuple, _CoreBase] = {}
+
+
+def make_core(*, layerwise: bool = False, config: EnvConfig | None = None, **kwargs: Any) -> _CoreBase:
+    """Build (or reuse: cores, hence their compiled functions, are cached per config) a core.
+
+    kwargs are :class:`EnvConfig` fields; ``config`` may be given instead."""
+    cfg = config if config is not None else EnvConfig(**kwargs)
+    if config is not None and kwargs:
+        cfg = config.replace(**kwargs)
+    k = (bool(layerwise), cfg)
+    if k not in _CORES:
+        _CORES[k] = (QuantDiffusionLayerwiseCore if layerwise else QuantDiffusionCore)(cfg)
+    return _CORES[k]
