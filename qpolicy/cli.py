@@ -102,15 +102,62 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def cmd_train(a) -> int:
+    from .runs import load_config, train
+
+    cfg = load_config(a.config, a.set or [])
+    if a.wandb:
+        cfg = __import__("dataclasses").replace(cfg, wandb=a.wandb)
+    run_dir = Path(a.run_dir or Path("runs") / cfg.name)
+    _print_json(train(cfg, run_dir))
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .runs import evaluate_run
+
+    res = evaluate_run(a.run, baselines=a.baselines, budget=a.budget, n=a.n, progress=not a.json)
+    if a.json:
+        _print_json(res)
+    else:
+        print(f"{'policy':<34} {'kind':<9} {'BOPs/FP32':>10} {'bits W/A':>11} {'traj_err':>9} {'final_err':>9} {'fd':>7}")
+        for p in res["policies"]:
+            print(f"{p['name']:<34} {p['kind']:<9} {p['bops_rel_fp32']:>10.4f} "
+                  f"{p['mean_bits_w']:>5.2f}/{p['mean_bits_a']:<5.2f} {p['traj_error']:>9.4g} "
+                  f"{p['final_error']:>9.4g} {p.get('fd', float('nan')):>7.3g}")
+        print("files:", json.dumps(res["files"], indent=1))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .runs import export_run
+
+    for p in export_run(a.run, a.format, a.out):
+        print(p)
+    return 0
+
+
 def cmd_demo(a) -> int:
-    from .data import save_image_grid
-    from .denoiser import generate, load_denoiser
+    """Main job: train a PPO precision policy on digits16, evaluate it against every baseline, export it."""
+    from .runs import evaluate_run, export_run, load_config, train
 
     out = Path(a.out)
-    den = load_denoiser(a.model)
-    x = generate(den, 64, steps=20, progress=True)
-    grid = save_image_grid(out / "samples.png", x)
-    print(f"sample grid: {grid}")
+    cfg = load_config(a.config, a.set or [])
+    summary = train(cfg, out)
+    res = evaluate_run(out, baselines="all")
+    paths = export_run(out, "json", out / "export" / "schedule.json") + \
+        export_run(out, "csv", out / "export" / "schedule.csv")
+    learned = res["policies"][0]
+    print(f"\ntrained {summary['agent']} for {summary['timesteps']} decisions in {summary['wall_s']:.0f}s")
+    print(f"learned policy: BOPs/FP32 {learned['bops_rel_fp32']:.4f}, final error {learned['final_error']:.4g}")
+    if "best_baseline_at_matched_cost" in res:
+        b = res["best_baseline_at_matched_cost"]
+        print(f"best baseline at <= that cost: {b['name']} (BOPs/FP32 {b['bops_rel_fp32']:.4f}, "
+              f"final error {b['final_error']:.4g}) -> learned beats it: {res['learned_beats_best_baseline']}")
+    for k, v in res["files"].items():
+        print(f"{k:>10}: {v}")
+    for p in paths:
+        print(f"    export: {p}")
     return 0
 
 
@@ -174,8 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
 
-    d = sub.add_parser("demo", help="the main job on the bundled default model")
-    d.add_argument("--model", default="digits16")
+    tr = sub.add_parser("train", help="launch (or resume) a precision-policy training run")
+    tr.add_argument("--config", required=True, help="YAML run config (experiments/configs/*.yaml)")
+    tr.add_argument("--set", action="append", help="override a field: key=value (dotted, e.g. env.lam=2)")
+    tr.add_argument("--run-dir", default=None, help="run directory (default runs/<name>)")
+    tr.add_argument("--wandb", default=None, help="offline (default) | online | disabled")
+    tr.set_defaults(fn=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a run's policy against the non-RL baselines")
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--baselines", default="all", help="all | fast (no search) | none")
+    ev.add_argument("--budget", type=float, default=None, help="baselines' BOPs budget (default: learned cost)")
+    ev.add_argument("--n", type=int, default=None, help="eval-bank images (default from the run config)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(fn=cmd_evaluate)
+
+    ex = sub.add_parser("export", help="export a run's bit schedule")
+    ex.add_argument("--run", required=True)
+    ex.add_argument("--format", default="json", help="json | csv | vidit_yaml | modelopt | onnxruntime | qwix")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(fn=cmd_export)
+
+    d = sub.add_parser("demo", help="the main job: train a policy on digits16, evaluate vs baselines, export")
+    d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "experiments" / "configs"
+                                           / "digits16_ppo.yaml"))
+    d.add_argument("--set", action="append")
     d.add_argument("--out", default="out/demo")
     d.set_defaults(fn=cmd_demo)
     return p

@@ -40,7 +40,8 @@ class QuantConfig:
     """How layers are quantized (static, compile-time): quantizer families, activation-range mode, choices.
 
     w_spec / a_spec: weight / activation quantizer (defaults: symmetric per-output-channel weights,
-    asymmetric per-tensor activations). act_ranges: "dynamic" (abs-max/min-max per call) or "static"
+    asymmetric per-tensor activations). act_ranges: "dynamic" (min/max of each image's tensor at each
+    call: per-sample, so results do not depend on batching) or "static"
     (calibrated per (layer, step bucket) from FP trajectories). range_buckets: step buckets for static.
     bit_choices: accepted bitwidths."""
 
@@ -131,8 +132,8 @@ class QuantEngine:
         if self.qcfg.act_ranges == "static":
             table = self.act_ranges_table[self.bucket(i)]
             fn = lambda l, a: fake_quant(a, bits_a[l], self.qcfg.a_spec, minmax=(table[l, 0], table[l, 1]))
-        else:
-            fn = lambda l, a: fake_quant(a, bits_a[l], self.qcfg.a_spec)
+        else:  # dynamic ranges per image, so one image's error never depends on its batch-mates
+            fn = lambda l, a: jax.vmap(lambda v: fake_quant(v, bits_a[l], self.qcfg.a_spec))(a)
         with nn.intercept_methods(activation_interceptor(self.den.layers, fn)):
             return self.den.apply(self.quantize_params(bits_w), x, t)
 

@@ -19,7 +19,7 @@ from .denoiser import save_checkpoint
 from .diffusion import SCHEDULES, eps_loss, make_schedule
 from .io import atomic_write_bytes, load_pytree
 from .models import PRESETS, UNet, preset_config
-from .tracking import Tracker
+from .tracking import WANDB_MODES, Tracker
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,6 +58,11 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for f in ("lr", "grad_clip"):  # lr <= 0 would ascend or freeze; clip <= 0 zeroes every update
+            if not getattr(self, f) > 0:
+                raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"wandb must be one of {WANDB_MODES}, got {self.wandb!r}")
         if self.weights_dtype not in ("float32", "float16"):
             raise ValueError(f"weights_dtype must be 'float32' or 'float16', got {self.weights_dtype!r}")
 
@@ -107,12 +112,19 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
         ema = jax.tree_util.tree_map(lambda e, q: cfg.ema_decay * e + (1 - cfg.ema_decay) * q, ema, p)
         return (p, ema, opt, k), loss
 
-    chunk_len = min(cfg.log_every, cfg.steps)  # steps run in jitted chunks of this many
+    chunk_len = min(cfg.log_every, cfg.steps)  # steps run in jitted chunks of (at most) this many
 
     @jax.jit
-    def chunk(p, ema, opt, k):
-        (p, ema, opt, k), losses = jax.lax.scan(one_step, (p, ema, opt, k), None, length=chunk_len)
-        return p, ema, opt, k, losses.mean()
+    def chunk(p, ema, opt, k, n):
+        # n (traced) steps in one compiled loop, so a shorter last chunk (steps not a multiple of
+        # log_every, or a resumed run) stops exactly at cfg.steps without a recompile.
+        def body(_, c):
+            carry, total = c
+            carry, loss = one_step(carry, None)
+            return carry, total + loss
+
+        (p, ema, opt, k), total = jax.lax.fori_loop(0, n, body, ((p, ema, opt, k), jnp.zeros((), jnp.float32)))
+        return p, ema, opt, k, total / n
 
     tracker = Tracker(out, config=dataclasses.asdict(cfg), mode=cfg.wandb, name=cfg.name or out.name,
                       resume=start > 0)
@@ -137,18 +149,19 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
 
     try:
         while step < cfg.steps:
-            p, ema, opt, k, loss = chunk(p, ema, opt, k)
-            step += chunk_len
+            n = min(chunk_len, cfg.steps - step)
+            p, ema, opt, k, loss = chunk(p, ema, opt, k, jnp.int32(n))
+            prev, step = step, step + n
             last_loss = float(loss)
             if first_loss != first_loss:
                 first_loss = last_loss
             tracker.log({"loss": last_loss}, step)
-            bar.update(chunk_len)
+            bar.update(n)
             bar.set_postfix(loss=f"{last_loss:.4f}")
             if cfg.time_limit_s is not None and time.time() - t0 > cfg.time_limit_s:
                 bar.write(f"time limit {cfg.time_limit_s:.0f}s reached at step {step}; saving")
                 break
-            if step % cfg.ckpt_every < chunk_len and step < cfg.steps:
+            if step // cfg.ckpt_every > prev // cfg.ckpt_every and step < cfg.steps:
                 save(final=False)
         save(final=True)
     finally:

@@ -1,0 +1,85 @@
+"""Plots people would rather look at than read: Pareto fronts, bit heatmaps (layer x step), sample grids.
+Every figure is rendered to PNG bytes and written atomically."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .data import image_grid  # noqa: E402
+from .io import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig, path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def pareto(policies: Sequence[dict], path, *, title: str = "cost vs final error") -> Path:
+    """Scatter of bops_rel_fp32 (x) vs final_error (y, log) for every policy; learned ones highlighted,
+    with the lower-left (Pareto) front of all points drawn."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    pts = [(p["bops_rel_fp32"], max(p["final_error"], 1e-12)) for p in policies]
+    order = sorted(range(len(pts)), key=lambda i: pts[i])
+    front, best = [], np.inf
+    for i in order:
+        if pts[i][1] < best:
+            best = pts[i][1]
+            front.append(pts[i])
+    ax.plot(*zip(*front), "-", color="0.7", zorder=0, label="Pareto front")
+    for p, (x, y) in zip(policies, pts):
+        learned = p.get("kind") == "learned"
+        ax.scatter(x, y, marker="*" if learned else "o", s=160 if learned else 30,
+                   color="tab:red" if learned else "tab:blue", zorder=2)
+        if learned or not p["name"].startswith("uniform"):
+            ax.annotate(p["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        else:
+            ax.annotate(p["name"].replace("uniform_", ""), (x, y), fontsize=6, color="0.4", xytext=(3, -8),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("BOPs relative to the FP32 sampler")
+    ax.set_ylabel("final-sample relative error (eval bank)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, path)
+
+
+def bit_heatmaps(schedules: Sequence[tuple[str, np.ndarray, np.ndarray]], layer_names: Sequence[str], path,
+                 *, max_panels: int = 12) -> Path:
+    """One panel per schedule: weight bits (layer x step); activation bits in a second column if they differ."""
+    schedules = list(schedules)[:max_panels]
+    cols = 2
+    fig, axes = plt.subplots(len(schedules), cols, figsize=(10, 0.14 * len(layer_names) * len(schedules) + 1),
+                             squeeze=False)
+    for row, (name, bw, ba) in zip(axes, schedules):
+        for ax, bits, which in zip(row, (bw, ba), ("W", "A")):
+            im = ax.imshow(np.log2(np.asarray(bits, float)).T, aspect="auto", cmap="viridis", vmin=1, vmax=5)
+            ax.set_title(f"{name} ({which} bits)", fontsize=8)
+            ax.set_xlabel("sampler step (noisy → clean)", fontsize=7)
+            ax.set_yticks(range(len(layer_names)))
+            ax.set_yticklabels(layer_names, fontsize=4)
+            ax.tick_params(axis="x", labelsize=6)
+    cb = fig.colorbar(im, ax=axes, shrink=0.5)
+    cb.set_ticks([1, 2, 3, 4, 5])
+    cb.set_ticklabels(["2", "4", "8", "16", "32"])
+    return _save(fig, path)
+
+
+def fp_vs_quantized(fp: np.ndarray, quantized: np.ndarray, path) -> Path:
+    """Side-by-side grids: full-precision samples (left) and the same noise quantized (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
+    for ax, imgs, t in zip(axes, (fp, quantized), ("full precision", "learned precision policy")):
+        ax.imshow(image_grid(np.asarray(imgs)))
+        ax.set_title(t)
+        ax.axis("off")
+    return _save(fig, path)
