@@ -164,6 +164,8 @@ def _repair(tab, iw, ia, budget, prio=None, *, tie=True, frozen=None, cur_bits=N
     """Greedy: while over budget, lower by one choice the (unfrozen) entry with the least penalty increase
     per unit of cost saved (ties: the larger saving). Without a priority: the highest-bit entry first
     (ties: the larger saving). Returns new index arrays (copies)."""
+    if prio is None and cur_bits is None:
+        cur_bits = np.arange(tab.shape[1])  # choice index orders like bits
     iw, ia = iw.copy(), ia.copy()
     if tie:
         ia = iw
@@ -406,7 +408,6 @@ def layer_sensitivity(engine: QuantEngine, bank: ReferenceBank, *, base_bits: in
     e0 = fin[0]
     meas = np.clip(fin[1:].reshape(L, len(probe)) - e0, 0.0, None)
     sens = np.zeros((L, C))
-    pts = [b for b in probe if b < base_bits] + [base_bits]
     for l in range(L):
         vals = {b: meas[l, j] for j, b in enumerate(probe)}
         vals[base_bits] = 0.0
@@ -417,10 +418,8 @@ def layer_sensitivity(engine: QuantEngine, bank: ReferenceBank, *, base_bits: in
                 sens[l, c] = vals[b]
             elif b > base_bits:
                 sens[l, c] = 0.0
-            else:
-                lower = xs[xs <= b]
-                sens[l, c] = np.interp(b, xs, ys) if lower.size else ys[0]
-    del pts
+            else:  # np.interp holds the end values beyond the probed range
+                sens[l, c] = np.interp(b, xs, ys)
     if monotone:
         sens = np.maximum.accumulate(sens[:, ::-1], axis=1)[:, ::-1].copy()
     info = {"seconds": time.perf_counter() - t0, "probes": len(scheds), "base_error": float(e0),
@@ -597,7 +596,6 @@ def search_schedule(engine: QuantEngine, bank: ReferenceBank, budget: float, *, 
     sens, _ = _static_problem(engine, sens)
     prio = _prio_table(sens, S, L, C)
     rng = np.random.default_rng(seed)
-    choices = np.asarray(engine.qcfg.bit_choices)
 
     def fix(iw, frozen=None):
         iw, _ = _repair(tab, iw, iw, budget, prio, tie=True, frozen=frozen)
@@ -704,7 +702,6 @@ def search_schedule(engine: QuantEngine, bank: ReferenceBank, budget: float, *, 
             "init_best_score": init_best, "init_scores": seed_scores, "best_score": float(scores[0]),
             "train_final_error": float(fin[0]), "train_traj_error": float(trj[0]), "history": history,
             "cost": schedule_cost(engine, best, best), "seconds": time.perf_counter() - t0}
-    del choices
     return Baseline(f"search_{method}", best, best.copy(), info)
 
 
@@ -777,7 +774,7 @@ def all_baselines(engine: QuantEngine, train_bank: ReferenceBank, budget: float,
 
     stage("random")
     t = time.perf_counter()
-    r = random_schedule(engine, budget, seed=seed, priority=sens)
+    r = random_schedule(engine, budget, seed=seed)  # neutral repair: no sensitivity knowledge
     r.info["seconds"] = time.perf_counter() - t
     out.append(r)
     bar.update(1)

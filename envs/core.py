@@ -81,10 +81,12 @@ import numpy as np
 from qpolicy.denoiser import Denoiser, load_denoiser
 from qpolicy.rollout import QuantConfig, QuantEngine, make_engine, reference_bank, relative_error
 
-from .config import EnvConfig
+from .config import REWARD_MODES, EnvConfig
 
 KINDS = ("dense", "conv", "conv_transpose", "dense_general", "einsum", "custom")
 STAGES = ("down", "mid", "up", "other")
+#: EnvConfig fields that only enter EnvParams (data), never compiled code.
+DATA_FIELDS = ("reward", "alpha", "lam", "budget", "beta_fd", "error_clip", "bank", "bank_size")
 
 
 @flax.struct.dataclass
@@ -92,12 +94,14 @@ class EnvParams:
     """Data of an environment (a pytree: pass it into jitted code; changing it never recompiles).
 
     cost_table: (L, C, C) float32, relative cost of layer l for one forward at (w choice, a choice);
-    Σ_l over the FP32 choice = 1. bit_choices: (C,) int32. alpha, lam, budget, beta_fd, error_clip:
+    Σ_l over the FP32 choice = 1. bit_choices: (C,) int32. reward_mode: int32 scalar, index into
+    REWARD_MODES ("delta", "terminal", "budget"): data too, so one compile serves every mode. alpha, lam, budget, beta_fd, error_clip:
     float32 scalars (see module doc). bank_keys: (N,) image keys; bank_traj: (T+1, N, H, W, C) FP
     trajectories (bank_traj[0] = x_T)."""
 
     cost_table: jax.Array
     bit_choices: jax.Array
+    reward_mode: jax.Array
     alpha: jax.Array
     lam: jax.Array
     budget: jax.Array
@@ -188,7 +192,6 @@ class _CoreBase:
         self.C = len(engine.qcfg.bit_choices)
         self.B = config.images_per_env
         self.tied = config.tie_weights_activations
-        self.reward_mode = config.reward
         self._log2_choices = jnp.asarray(np.log2(engine.qcfg.bit_choices) / 5.0, jnp.float32)
         self._layer_feats = jnp.asarray(self._static_layer_features(), jnp.float32)
         smp = engine.sampler
@@ -200,12 +203,13 @@ class _CoreBase:
     # ------------------------------------------------------------------ params
     def make_params(self, *, bank: str | None = None, bank_size: int | None = None, **weights: float) -> EnvParams:
         """EnvParams from the config; override the bank ("train"/"eval"), its size, or reward weights
-        (alpha, lam, budget, beta_fd, error_clip) by keyword."""
+        (reward, alpha, lam, budget, beta_fd, error_clip) by keyword."""
         cfg = self.config.replace(**{k: v for k, v in dict(bank=bank, bank_size=bank_size, **weights).items()
                                       if v is not None})
         rb = reference_bank(self.engine, cfg.bank, cfg.bank_size)
         f = lambda v: jnp.asarray(v, jnp.float32)
         return EnvParams(cost_table=f(cost_table(self.engine)), bit_choices=jnp.asarray(cfg.bit_choices, jnp.int32),
+                         reward_mode=jnp.asarray(REWARD_MODES.index(cfg.reward), jnp.int32),
                          alpha=f(cfg.alpha), lam=f(cfg.lam), budget=f(cfg.budget), beta_fd=f(cfg.beta_fd),
                          error_clip=f(cfg.error_clip), bank_keys=rb.keys, bank_traj=rb.traj)
 
@@ -308,13 +312,11 @@ class _CoreBase:
 
     def _reward(self, e_prev, e_new, cost_prev, cost_new, c, last, fd, params: EnvParams) -> jax.Array:
         de = e_new - e_prev
-        if self.reward_mode == "delta":
-            return -(params.alpha * de + params.lam * c)
-        if self.reward_mode == "budget":
-            over = lambda C: jnp.maximum(0.0, C - params.budget)
-            return -(params.alpha * de + params.lam * (over(cost_new) - over(cost_prev)))
-        final = -(params.alpha * e_new + params.beta_fd * fd + params.lam * cost_new)
-        return jnp.where(last, final, 0.0)
+        over = lambda C: jnp.maximum(0.0, C - params.budget)
+        delta = -(params.alpha * de + params.lam * c)
+        terminal = jnp.where(last, -(params.alpha * e_new + params.beta_fd * fd + params.lam * cost_new), 0.0)
+        budget = -(params.alpha * de + params.lam * (over(cost_new) - over(cost_prev)))
+        return jnp.stack([delta, terminal, budget])[params.reward_mode]
 
     def _split(self, action: jax.Array) -> tuple[jax.Array, jax.Array]:
         a = jnp.asarray(action, jnp.int32).reshape(-1)
@@ -464,16 +466,37 @@ class QuantDiffusionLayerwiseCore(_CoreBase):
 
 
 _CORES: dict[tuple, _CoreBase] = {}
+_STATIC_CORES: dict[tuple, _CoreBase] = {}
+_JITS = ("jit_reset", "jit_step_env", "jit_reset_batch", "jit_step_batch")
+
+
+def static_config(cfg: EnvConfig) -> EnvConfig:
+    """``cfg`` with its data fields (reward mode and weights, bank) at their defaults: cores that agree on
+    it share their engine and compiled functions (the data travels in :class:`EnvParams`)."""
+    return cfg.replace(**{**{f: getattr(EnvConfig, f) for f in DATA_FIELDS}, "bank_size": cfg.images_per_env})
 
 
 def make_core(*, layerwise: bool = False, config: EnvConfig | None = None, **kwargs: Any) -> _CoreBase:
-    """Build (or reuse: cores, hence their compiled functions, are cached per config) a core.
+    """Build (or reuse) a core for :class:`EnvConfig` fields ``kwargs`` (or ``config``, updated by kwargs).
 
-    kwargs are :class:`EnvConfig` fields; ``config`` may be given instead."""
+    Cores are cached per config; cores whose configs differ only in data fields (``DATA_FIELDS``: reward,
+    alpha, lam, budget, beta_fd, error_clip, bank, bank_size) share one engine, one set of compiled
+    functions and one ``trace_counts``, so a lam sweep or switching to the eval bank never recompiles."""
     cfg = config if config is not None else EnvConfig(**kwargs)
     if config is not None and kwargs:
         cfg = config.replace(**kwargs)
     k = (bool(layerwise), cfg)
-    if k not in _CORES:
-        _CORES[k] = (QuantDiffusionLayerwiseCore if layerwise else QuantDiffusionCore)(cfg)
-    return _CORES[k]
+    if k in _CORES:
+        return _CORES[k]
+    cls = QuantDiffusionLayerwiseCore if layerwise else QuantDiffusionCore
+    sk = (bool(layerwise), static_config(cfg))
+    base = _STATIC_CORES.get(sk)
+    core = cls(cfg, engine=None if base is None else base.engine)
+    if base is None:
+        _STATIC_CORES[sk] = core
+    else:
+        core.trace_counts = base.trace_counts
+        for name in _JITS:
+            core.__dict__[name] = getattr(base, name)
+    _CORES[k] = core
+    return core

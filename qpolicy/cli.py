@@ -21,7 +21,7 @@ def cmd_denoiser_train(a) -> int:
     cfg = TrainConfig(data=a.data, preset=a.preset, steps=a.steps, out=a.out, batch_size=a.batch_size, lr=a.lr,
                       ema_decay=a.ema, schedule=a.schedule, seed=a.seed, ckpt_every=a.ckpt_every,
                       log_every=a.log_every, wandb=a.wandb, weights_dtype=a.weights_dtype, name=a.name,
-                      time_limit_s=a.time_limit)
+                      time_limit_s=a.time_limit, init_from=a.init_from)
     summary = train_denoiser(cfg)
     _print_json(summary)
     return 0
@@ -47,7 +47,7 @@ def cmd_denoiser_eval(a) -> int:
         raise SystemExit(f"model {a.model!r} records no dataset, so there is no feature network to compare with")
     x = generate(den, a.n, steps=a.steps, sampler=a.sampler, eta=a.eta, seed=a.seed, progress=not a.json)
     res = {"model": den.name, "dataset": den.dataset, "sampler": a.sampler, "steps": a.steps,
-           **sample_quality(x, den.dataset)}
+           **sample_quality(x, den.dataset, with_train=True)}
     _print_json(res) if a.json else print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in res.items()))
     return 0
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights-dtype", default="float32", help="float32 | float16 (stored weights)")
     t.add_argument("--name", default=None)
     t.add_argument("--time-limit", type=float, default=None, help="stop and save after this many seconds")
+    t.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fine-tune)")
     t.set_defaults(fn=cmd_denoiser_train)
 
     def sampling_args(q, n_default):

@@ -125,11 +125,16 @@ def load_denoiser(name_or_path: str | Path = DEFAULT_MODEL) -> Denoiser:
     """Load a shipped model by name (``digits16``, ``patches32``) or a checkpoint folder."""
     d = resolve_model_dir(name_or_path)
     meta = read_json(d / "meta.json", what="checkpoint metadata")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{d / 'meta.json'} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{d / 'meta.json'}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     for key in ("model_config", "schedule", "image_shape"):
         if key not in meta:
             raise ValueError(f"{d / 'meta.json'} lacks field {key!r}")
+    for key in ("model_config", "schedule"):
+        if not isinstance(meta[key], dict):
+            raise ValueError(f"{d / 'meta.json'}: field {key!r} must be an object, got {meta[key]!r}")
     module = build_unet(meta)
     params = load_pytree(d / "weights.msgpack", what="checkpoint weights")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)

@@ -588,11 +588,13 @@ def fd_real_split(extractor: FeatureExtractor, dataset_name: str, n: int) -> flo
 
 
 def sample_quality(samples: np.ndarray, dataset_name: str, *, extractor: FeatureExtractor | None = None,
-                   real_features: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+                   real_features: tuple[np.ndarray, np.ndarray] | None = None,
+                   with_train: bool = False) -> dict[str, float]:
     """Distribution metrics of ``samples`` (N, H, W, C) against real images of ``dataset_name``.
 
     Returns fd (samples vs the first real half), fd_real_split (first vs second real half: the
-    floor), kid, precision, recall, density, coverage, n and n_real (the half size)."""
+    floor), kid, precision, recall, density, coverage, n and n_real (the half size); with_train adds
+    fd_train and fd_train_vs_heldout."""
     extractor = extractor or load_feature_extractor(dataset_name)
     f_fake = extractor.features(np.asarray(samples))
     if real_features is None:
@@ -601,7 +603,17 @@ def sample_quality(samples: np.ndarray, dataset_name: str, *, extractor: Feature
     ra, rb = real_features
     out = {"fd": frechet_distance(f_fake, ra), "fd_real_split": frechet_distance(ra, rb),
            "kid": kid(f_fake, ra), **precision_recall_coverage(ra, f_fake)}
-    return {**out, "n": int(len(samples)), "n_real": int(len(ra))}
+    out = {**out, "n": int(len(samples)), "n_real": int(len(ra))}
+    if with_train:
+        # Samples vs the training images, and training vs held-out images: where the held-out split is a
+        # different region of the data (patches: other columns of each photo), fd_train_vs_heldout is the
+        # gap a perfect model of the training distribution would still show.
+        from qpolicy.data import load_dataset
+
+        tr = np.asarray(load_dataset(dataset_name, "train").images)
+        ft = extractor.features(tr[np.random.default_rng(1).permutation(len(tr))[: len(ra)]])
+        out.update(fd_train=frechet_distance(f_fake, ft), fd_train_vs_heldout=frechet_distance(ft, ra))
+    return out
 
 
 # =========================================================================== CLI

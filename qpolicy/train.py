@@ -47,6 +47,7 @@ class TrainConfig:
     weights_dtype: str = "float32"
     name: str | None = None
     time_limit_s: float | None = None  # stop early (and save) once this much wall time has passed
+    init_from: str | None = None  # checkpoint folder whose weights start params and EMA (fresh optimizer)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -87,6 +88,15 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
     key = jax.random.key(cfg.seed)
     key, init_key = jax.random.split(key)
     params = model.init(init_key, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32))["params"]
+    prior_steps = 0
+    if cfg.init_from:
+        from .denoiser import load_denoiser
+
+        src = load_denoiser(cfg.init_from)
+        if jax.tree_util.tree_structure(src.params) != jax.tree_util.tree_structure(params):
+            raise ValueError(f"init_from={cfg.init_from!r} has a different architecture than preset {cfg.preset!r}")
+        params = src.params
+        prior_steps = int(src.metadata.get("train", {}).get("steps", 0))
     tx = _optimizer(cfg)
     state = {"params": params, "ema": params, "opt": tx.init(params), "step": 0, "key": jax.random.key_data(key)}
     out = Path(cfg.out)
@@ -139,7 +149,7 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
         st = {"params": p, "ema": ema, "opt": opt, "step": step, "key": jax.random.key_data(k)}
         atomic_write_bytes(resume_file, flax.serialization.msgpack_serialize(
             jax.tree_util.tree_map(np.asarray, flax.serialization.to_state_dict(st))))
-        train_info = {"steps": step, "batch_size": cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
+        train_info = {"steps": step, "init_from": cfg.init_from, "prior_steps": prior_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
                       "preset": cfg.preset, "seed": cfg.seed, "wall_s": round(time.time() - t0, 1),
                       "machine": f"{platform.node()} {jax.devices()[0].device_kind}", "final_loss": last_loss,
                       "complete": final and step >= cfg.steps}

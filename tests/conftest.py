@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from qpolicy.denoiser import wrap_denoiser
 from qpolicy.diffusion import make_schedule
-from qpolicy.models import init_unet, preset_config
+from qpolicy.models import UNet, preset_config
 
 
 @pytest.fixture(autouse=True)
@@ -18,10 +20,30 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+def random_params(module, image_shape, seed=0):
+    """Random params with the structure of ``module.init`` (from ``eval_shape``, so nothing is compiled):
+    kernels ~ N(0, 1/fan_in) (lecun-normal scale, as flax's default), small random biases, GroupNorm
+    scales near 1. Eager ``module.init`` costs 10-30 s of per-op XLA compiles on CPU; this costs ~0.1 s."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    shapes = jax.eval_shape(lambda k: module.init(k, x, jnp.zeros((1,), jnp.int32)), jax.random.key(0))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            w = rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+        elif name == "scale":
+            w = 1.0 + 0.1 * rng.standard_normal(s.shape)
+        else:
+            w = 0.02 * rng.standard_normal(s.shape)
+        return jnp.asarray(w, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 @pytest.fixture(scope="session")
 def tiny_denoiser():
     """Random-init ``tiny`` U-Net on 8x8x1 images, linear schedule with 100 steps. Treat as read-only."""
-    cfg = preset_config("tiny", image_size=8, in_channels=1)
-    module, params = init_unet(cfg, jax.random.key(0))
-    return wrap_denoiser(module, {"params": params}, image_shape=(8, 8, 1),
+    module = UNet(preset_config("tiny", image_size=8, in_channels=1))
+    return wrap_denoiser(module, {"params": random_params(module, (8, 8, 1))}, image_shape=(8, 8, 1),
                          schedule=make_schedule("linear", 100), name="tiny")

@@ -1,0 +1,608 @@
+"""JAX-native PPO (PureJaxRL style): rollouts with the vmapped env core, GAE and the minibatch epochs
+form one jitted update; whole training runs and several seeds (vmapped) compile once.
+
+Works with any gymnax-style core (``reset(key, params) -> (obs, state)``,
+``step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)`` with
+auto-reset, ``obs_size``, ``action_nvec``), e.g. :func:`qpolicy.envs.make_core`::
+
+    core = qpolicy.envs.make_core(model="digits16", num_steps=10, images_per_env=2)
+    res = train(core, PPOConfig(num_envs=16, total_timesteps=50_000, num_seeds=2))
+    act = policy_fn(res.config, core)
+    a = act(res.seed_params(0), obs, key, True)      # greedy bits (choice indices)
+    save_policy("runs/ppo", res.seed_params(0), res.config, core_meta(core))
+
+Actions: ``core.action_nvec`` (a tuple, or a method returning one) gives MultiDiscrete sizes; the policy has
+one categorical head per entry (logits (..., sum(nvec)) split per head). An empty nvec (layer-wise env with
+tied bits) means a single Discrete(C) action: one head, and the env receives a scalar.
+
+Episodes end on ``terminated | truncated`` (the core auto-resets inside ``step``); a truncated episode is
+not bootstrapped (the quantized-diffusion cores never truncate: fixed episode length).
+
+Metrics (per update, averaged over the episodes that finished during that update's rollout; NaN if none
+did): ``episode_return``; from the env ``info`` at the last decision: ``final_error`` (info["error"]: e of
+the final sample), ``cost`` (info["cost"]: total relative BOPs C_total), ``traj_error``, ``bits_w_mean``,
+``bits_a_mean``, ``fd_proxy`` where the core reports them; ``episodes`` (count); and the loss terms averaged
+over epochs and minibatches: ``total_loss``, ``policy_loss``, ``value_loss``, ``entropy`` (summed over heads),
+``approx_kl``, ``clip_frac``; plus ``lr``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import numbers
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qpolicy.io import atomic_write_json, load_pytree, read_json, save_pytree
+
+__all__ = ["PPOConfig", "ActorCritic", "PPOTrainer", "PPOResult", "make_train", "train", "policy_fn",
+           "core_meta", "save_policy", "load_policy"]
+
+POLICY_FORMAT = "qpolicy.ppo_jax"
+POLICY_VERSION = 1
+WEIGHTS_FILE = "policy.msgpack"
+META_FILE = "policy.json"
+
+#: env info keys averaged over finished episodes -> metric name
+INFO_METRICS = {"error": "final_error", "cost": "cost", "traj_error": "traj_error",
+                "bits_w_mean": "bits_w_mean", "bits_a_mean": "bits_a_mean", "fd_proxy": "fd_proxy"}
+LOSS_METRICS = ("total_loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """PPO hyper-parameters.
+
+    num_envs: parallel envs (vmapped core). num_steps: rollout length per env per update.
+    total_timesteps: env decisions per seed; num_updates = total_timesteps // (num_envs * num_steps).
+    update_epochs, num_minibatches: passes over each rollout batch and minibatches per pass
+    (num_envs * num_steps must be divisible by num_minibatches). lr: Adam step size, linearly annealed to 0
+    over the run if anneal_lr. gamma: discount; gae_lambda: GAE λ. clip_eps: PPO ratio clip (also the value
+    clip). ent_coef, vf_coef: entropy bonus and value-loss weights. max_grad_norm: global-norm gradient clip.
+    hidden: MLP widths of the actor and critic torsos (separate networks, tanh). seed: base seed; num_seeds:
+    independent seeds trained together (vmapped) from ``jax.random.split(key(seed), num_seeds)``.
+    """
+
+    num_envs: int = 16
+    num_steps: int = 32
+    total_timesteps: int = 20_000
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    lr: float = 3e-4
+    anneal_lr: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    hidden: tuple[int, ...] = (128, 128)
+    seed: int = 0
+    num_seeds: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches", "num_seeds"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
+        if not isinstance(self.anneal_lr, bool):
+            raise ValueError(f"anneal_lr must be True or False, got {self.anneal_lr!r}")
+        checks = (("lr", lambda v: 0 < v < math.inf, "a finite number > 0"),
+                  ("gamma", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                  ("gae_lambda", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                  ("clip_eps", lambda v: 0 < v < math.inf, "a finite number > 0"),
+                  ("ent_coef", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+                  ("vf_coef", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+                  ("max_grad_norm", lambda v: 0 < v <= math.inf, "a number > 0 (inf disables clipping)"))
+        for name, ok, what in checks:
+            v = getattr(self, name)
+            if not _is_real(v) or not ok(float(v)):
+                raise ValueError(f"{name} must be {what}, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        hidden = self.hidden
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) or not hidden or \
+                not all(_is_int(h) and h >= 1 for h in hidden):
+            raise ValueError(f"hidden must be a non-empty sequence of integers >= 1 (e.g. (128, 128)), got {hidden!r}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(f"num_minibatches ({self.num_minibatches}) must divide the rollout batch "
+                             f"num_envs * num_steps = {self.batch_size}")
+        if self.total_timesteps < self.batch_size:
+            raise ValueError(f"total_timesteps ({self.total_timesteps}) must be >= num_envs * num_steps "
+                             f"= {self.batch_size} (one update)")
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_timesteps // self.batch_size
+
+    def replace(self, **kw: Any) -> "PPOConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "PPOConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown PPOConfig field(s) {unknown}; accepted: {sorted(fields)}")
+        d = dict(d)
+        if "hidden" in d and isinstance(d["hidden"], list):
+            d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------- action space
+def _action_spec(core: Any) -> tuple[tuple[int, ...], bool]:
+    """(per-head sizes, scalar_action) of a core or of a :func:`core_meta` dict."""
+    if isinstance(core, Mapping):
+        if "action_nvec" not in core:
+            raise ValueError("core metadata lacks 'action_nvec' (build it with qpolicy.agents.ppo_jax.core_meta)")
+        nvec, C = tuple(core["action_nvec"]), core.get("num_choices")
+    else:
+        nvec = core.action_nvec
+        nvec = tuple(nvec() if callable(nvec) else nvec)
+        C = getattr(core, "C", None)
+        if C is None and hasattr(core, "config"):
+            C = getattr(core.config, "num_choices", None)
+    nvec = tuple(int(n) for n in nvec)
+    if nvec:
+        if any(n < 1 for n in nvec):
+            raise ValueError(f"action_nvec entries must be >= 1, got {nvec}")
+        return nvec, False
+    if C is None:
+        raise ValueError("empty action_nvec (a single Discrete action) needs the number of choices: the core "
+                         "has no 'C' / config.num_choices and the metadata no 'num_choices'")
+    return (int(C),), True
+
+
+def _obs_size(core: Any) -> int:
+    return int(core["obs_size"] if isinstance(core, Mapping) else core.obs_size)
+
+
+def core_meta(core: Any) -> dict:
+    """JSON-able description of a core for :func:`save_policy`: obs_size, action_nvec, num_choices,
+    episode_length, layerwise, and the env config (non-JSON values as strings) when the core has one."""
+    nvec = core.action_nvec
+    nvec = tuple(nvec() if callable(nvec) else nvec)
+    heads, scalar = _action_spec(core)
+    C = heads[0] if scalar else getattr(core, "C", None)
+    meta: dict[str, Any] = {"obs_size": int(core.obs_size), "action_nvec": [int(n) for n in nvec],
+                            "num_choices": None if C is None else int(C),
+                            "episode_length": int(getattr(core, "episode_length", 0)) or None,
+                            "layerwise": bool(getattr(core, "layerwise", False))}
+    cfg = getattr(core, "config", None)
+    if cfg is not None and dataclasses.is_dataclass(cfg):
+        env = {}
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            if f.name == "model" and not isinstance(v, (str, Path)):
+                v = getattr(v, "name", type(v).__name__)
+            env[f.name] = list(v) if isinstance(v, tuple) else (v if isinstance(v, (int, float, str, bool))
+                                                                 or v is None else str(v))
+        meta["env_config"] = env
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- network
+class ActorCritic(nn.Module):
+    """Actor and critic MLPs (separate tanh torsos of widths ``hidden``).
+
+    ``__call__(obs (..., D)) -> (logits (..., sum(nvec)), value (...))``: one categorical per nvec entry,
+    its logits being the entry's slice of the concatenated logits."""
+
+    nvec: tuple[int, ...]
+    hidden: tuple[int, ...] = (128, 128)
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        ortho = nn.initializers.orthogonal
+        zeros = nn.initializers.zeros
+        a = obs
+        for i, h in enumerate(self.hidden):
+            a = nn.tanh(nn.Dense(h, kernel_init=ortho(math.sqrt(2)), bias_init=zeros, name=f"actor_{i}")(a))
+        logits = nn.Dense(sum(self.nvec), kernel_init=ortho(0.01), bias_init=zeros, name="actor_out")(a)
+        v = obs
+        for i, h in enumerate(self.hidden):
+            v = nn.tanh(nn.Dense(h, kernel_init=ortho(math.sqrt(2)), bias_init=zeros, name=f"critic_{i}")(v))
+        value = nn.Dense(1, kernel_init=ortho(1.0), bias_init=zeros, name="critic_out")(v)
+        return logits, value[..., 0]
+
+
+class _MultiCategorical:
+    """Independent categoricals over the heads of a MultiDiscrete action. logits (..., sum(nvec)),
+    actions (..., H) int32. Equal head sizes use one reshape instead of H slices."""
+
+    def __init__(self, logits: jax.Array, nvec: tuple[int, ...]):
+        self.nvec = nvec
+        if len(set(nvec)) == 1:
+            self.heads = [logits.reshape(*logits.shape[:-1], len(nvec), nvec[0])]
+            self.uniform = True
+        else:
+            self.heads = list(jnp.split(logits, np.cumsum(nvec)[:-1], axis=-1))
+            self.uniform = False
+
+    def _logp_tables(self):
+        return [jax.nn.log_softmax(h, axis=-1) for h in self.heads]
+
+    def log_prob(self, actions: jax.Array) -> jax.Array:
+        tabs = self._logp_tables()
+        if self.uniform:
+            lp = jnp.take_along_axis(tabs[0], actions[..., None], axis=-1)[..., 0]
+            return lp.sum(-1)
+        return sum(jnp.take_along_axis(t, actions[..., j:j + 1], axis=-1)[..., 0] for j, t in enumerate(tabs))
+
+    def entropy(self) -> jax.Array:
+        ent = [-(jnp.exp(t) * t).sum(-1) for t in self._logp_tables()]
+        return ent[0].sum(-1) if self.uniform else sum(ent)
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        if self.uniform:
+            return jax.random.categorical(key, self.heads[0], axis=-1).astype(jnp.int32)
+        keys = jax.random.split(key, len(self.heads))
+        return jnp.stack([jax.random.categorical(k, h, axis=-1) for k, h in zip(keys, self.heads)],
+                         -1).astype(jnp.int32)
+
+    def mode(self) -> jax.Array:
+        if self.uniform:
+            return jnp.argmax(self.heads[0], axis=-1).astype(jnp.int32)
+        return jnp.stack([jnp.argmax(h, axis=-1) for h in self.heads], -1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@flax.struct.dataclass
+class RunnerState:
+    """Carry of the training loop for one seed (env batch on axis 0 of env_state/obs/ep_return)."""
+
+    params: Any
+    opt_state: Any
+    env_state: Any
+    obs: jax.Array
+    ep_return: jax.Array
+    rng: jax.Array
+    update: jax.Array
+
+
+@flax.struct.dataclass
+class Transition:
+    obs: jax.Array
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array
+    done: jax.Array
+
+
+class PPOTrainer:
+    """The pure pieces of one seed's training run (vmap/jit them freely).
+
+    ``init(key, env_params) -> RunnerState``; ``update(runner, env_params) -> (runner, metrics)``: one PPO
+    update (rollout of num_steps x num_envs, GAE, update_epochs x num_minibatches Adam steps);
+    ``run(runner, env_params, n)``: n updates in a ``lax.scan`` (metrics stacked on axis 0);
+    ``__call__(key)``: the whole run with the env params given at construction -> {"params", "metrics"}.
+    ``trace_counts["update"]`` counts traces of the update (one trace = one compilation when jitted)."""
+
+    def __init__(self, core: Any, env_params: Any, cfg: PPOConfig):
+        if not isinstance(cfg, PPOConfig):
+            raise ValueError(f"cfg must be a PPOConfig, got {type(cfg).__name__}")
+        self.core, self.env_params, self.cfg = core, env_params, cfg
+        self.nvec, self.scalar_action = _action_spec(core)
+        self.obs_size = _obs_size(core)
+        self.network = ActorCritic(nvec=self.nvec, hidden=cfg.hidden)
+        self.num_updates = cfg.num_updates
+        self.trace_counts: collections.Counter = collections.Counter()
+        steps_per_update = cfg.update_epochs * cfg.num_minibatches
+        if cfg.anneal_lr:
+            self.lr_schedule = lambda count: cfg.lr * (1.0 - (count // steps_per_update) / self.num_updates)
+        else:
+            self.lr_schedule = lambda count: cfg.lr * jnp.ones_like(count, jnp.float32)
+        self.tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                              optax.adam(learning_rate=self.lr_schedule, eps=1e-5))
+
+    # -- env helpers
+    def _env_reset(self, keys, env_params):
+        return jax.vmap(self.core.reset, in_axes=(0, None))(keys, env_params)
+
+    def _env_step(self, keys, states, actions, env_params):
+        a = actions[..., 0] if self.scalar_action else actions
+        return jax.vmap(self.core.step, in_axes=(0, 0, 0, None))(keys, states, a, env_params)
+
+    def init(self, key: jax.Array, env_params: Any = None) -> RunnerState:
+        env_params = self.env_params if env_params is None else env_params
+        k_net, k_env, rng = jax.random.split(key, 3)
+        params = self.network.init(k_net, jnp.zeros((self.obs_size,), jnp.float32))
+        obs, env_state = self._env_reset(jax.random.split(k_env, self.cfg.num_envs), env_params)
+        return RunnerState(params=params, opt_state=self.tx.init(params), env_state=env_state,
+                           obs=obs.astype(jnp.float32), ep_return=jnp.zeros((self.cfg.num_envs,), jnp.float32),
+                           rng=rng, update=jnp.zeros((), jnp.int32))
+
+    def _loss(self, params, batch: Transition, advantages, targets):
+        cfg = self.cfg
+        logits, value = self.network.apply(params, batch.obs)
+        dist = _MultiCategorical(logits, self.nvec)
+        log_prob = dist.log_prob(batch.action)
+        v_clipped = batch.value + jnp.clip(value - batch.value, -cfg.clip_eps, cfg.clip_eps)
+        value_loss = 0.5 * jnp.maximum((value - targets) ** 2, (v_clipped - targets) ** 2).mean()
+        log_ratio = log_prob - batch.log_prob
+        ratio = jnp.exp(log_ratio)
+        adv = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        pg = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv).mean()
+        entropy = dist.entropy().mean()
+        total = pg + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+        aux = {"total_loss": total, "policy_loss": pg, "value_loss": value_loss, "entropy": entropy,
+               "approx_kl": ((ratio - 1) - log_ratio).mean(),
+               "clip_frac": (jnp.abs(ratio - 1) > cfg.clip_eps).mean()}
+        return total, aux
+
+    def update(self, runner: RunnerState, env_params: Any) -> tuple[RunnerState, dict]:
+        self.trace_counts["update"] += 1
+        cfg = self.cfg
+
+        def env_step(carry, _):
+            r = carry
+            rng, k_act, k_env = jax.random.split(r.rng, 3)
+            logits, value = self.network.apply(r.params, r.obs)
+            dist = _MultiCategorical(logits, self.nvec)
+            action = dist.sample(k_act)
+            log_prob = dist.log_prob(action)
+            obs, env_state, reward, term, trunc, info = self._env_step(
+                jax.random.split(k_env, cfg.num_envs), r.env_state, action, env_params)
+            reward = reward.astype(jnp.float32)
+            done = jnp.logical_or(term, trunc)
+            ep_ret = r.ep_return + reward
+            ep_info = {"episode_return": ep_ret}
+            ep_info.update({name: info[k].astype(jnp.float32) for k, name in INFO_METRICS.items() if k in info})
+            tr = Transition(obs=r.obs, action=action, log_prob=log_prob, value=value, reward=reward, done=done)
+            r = r.replace(env_state=env_state, obs=obs.astype(jnp.float32),
+                          ep_return=jnp.where(done, 0.0, ep_ret), rng=rng)
+            return r, (tr, ep_info)
+
+        runner, (traj, ep_info) = jax.lax.scan(env_step, runner, None, cfg.num_steps)
+        _, last_value = self.network.apply(runner.params, runner.obs)
+
+        def gae_step(carry, tr):
+            gae, next_value = carry
+            nonterminal = 1.0 - tr.done.astype(jnp.float32)
+            delta = tr.reward + cfg.gamma * next_value * nonterminal - tr.value
+            gae = delta + cfg.gamma * cfg.gae_lambda * nonterminal * gae
+            return (gae, tr.value), gae
+
+        _, advantages = jax.lax.scan(gae_step, (jnp.zeros_like(last_value), last_value), traj, reverse=True)
+        targets = advantages + traj.value
+
+        flat = lambda x: x.reshape((cfg.batch_size,) + x.shape[2:])
+        batch = (jax.tree_util.tree_map(flat, traj), flat(advantages), flat(targets))
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+        def epoch(carry, _):
+            params, opt_state, rng = carry
+            rng, k_perm = jax.random.split(rng)
+            perm = jax.random.permutation(k_perm, cfg.batch_size)
+            mbs = jax.tree_util.tree_map(
+                lambda x: x[perm].reshape((cfg.num_minibatches, cfg.minibatch_size) + x.shape[1:]), batch)
+
+            def minibatch(c, mb):
+                p, o = c
+                (_, aux), grads = grad_fn(p, *mb)
+                upd, o = self.tx.update(grads, o, p)
+                return (optax.apply_updates(p, upd), o), aux
+
+            (params, opt_state), aux = jax.lax.scan(minibatch, (params, opt_state), mbs)
+            return (params, opt_state, rng), aux
+
+        rng, k_upd = jax.random.split(runner.rng)
+        (params, opt_state, _), aux = jax.lax.scan(epoch, (runner.params, runner.opt_state, k_upd), None,
+                                                   cfg.update_epochs)
+
+        done = traj.done.astype(jnp.float32)
+        n_done = done.sum()
+        metrics = {k: jnp.where(n_done > 0, (v * done).sum() / jnp.maximum(n_done, 1.0), jnp.nan)
+                   for k, v in ep_info.items()}
+        metrics["episodes"] = n_done
+        metrics.update({k: aux[k].mean() for k in LOSS_METRICS})
+        metrics["lr"] = jnp.asarray(self.lr_schedule(runner.update * cfg.update_epochs * cfg.num_minibatches),
+                                    jnp.float32)
+        runner = runner.replace(params=params, opt_state=opt_state, rng=rng, update=runner.update + 1)
+        return runner, metrics
+
+    def run(self, runner: RunnerState, env_params: Any, num_updates: int) -> tuple[RunnerState, dict]:
+        return jax.lax.scan(lambda r, _: self.update(r, env_params), runner, None, num_updates)
+
+    def __call__(self, key: jax.Array) -> dict:
+        runner = self.init(key, self.env_params)
+        runner, metrics = self.run(runner, self.env_params, self.num_updates)
+        return {"params": runner.params, "metrics": metrics}
+
+
+def make_train(core: Any, env_params: Any, cfg: PPOConfig) -> PPOTrainer:
+    """``train(key) -> {"params": agent params, "metrics": {name: (num_updates,)}}`` for one seed, pure:
+    ``jax.jit(jax.vmap(make_train(core, params, cfg)))(keys)`` trains several seeds in one compile.
+    The returned :class:`PPOTrainer` also exposes ``init``/``update``/``run`` for chunked runs."""
+    return PPOTrainer(core, env_params, cfg)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+@dataclasses.dataclass(frozen=True)
+class PPOResult:
+    """params: agent params stacked over seeds (leading axis num_seeds); metrics: {name: (num_seeds,
+    num_updates) np.ndarray}; env_steps_per_s: env decisions per second (all seeds, after compilation);
+    wall_s: total wall time including compilation; compile_s: compilation time; trace_counts: traces of
+    the update function (1 for a healthy run)."""
+
+    params: Any
+    metrics: dict
+    config: PPOConfig
+    env_steps_per_s: float
+    wall_s: float
+    compile_s: float = 0.0
+    trace_counts: dict = dataclasses.field(default_factory=dict)
+
+    def seed_params(self, i: int = 0) -> Any:
+        """Params of seed ``i`` (for :func:`policy_fn` / :func:`save_policy`)."""
+        return jax.tree_util.tree_map(lambda x: x[i], self.params)
+
+
+def _chunk_size(num_updates: int, target_chunks: int) -> int:
+    """Largest divisor of num_updates <= ceil(num_updates / target_chunks): equal chunks, so one compile."""
+    cap = max(1, -(-num_updates // max(target_chunks, 1)))
+    return max(d for d in range(1, cap + 1) if num_updates % d == 0)
+
+
+def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool = True,
+          num_chunks: int = 20) -> PPOResult:
+    """Train ``cfg.num_seeds`` seeds (vmapped) on ``core``; returns a :class:`PPOResult`.
+
+    The run is split into equal chunks of updates (about ``num_chunks``; each chunk a jitted, vmapped
+    ``lax.scan`` of the update, compiled once ahead of time) so a tqdm bar can report progress and env steps/s.
+    env_params defaults to ``core.default_params``."""
+    if not isinstance(cfg, PPOConfig):
+        raise ValueError(f"cfg must be a PPOConfig, got {type(cfg).__name__}")
+    if not _is_int(num_chunks) or num_chunks < 1:
+        raise ValueError(f"num_chunks must be an integer >= 1, got {num_chunks!r}")
+    if env_params is None:
+        env_params = getattr(core, "default_params", None)
+    t0 = time.perf_counter()
+    trainer = make_train(core, env_params, cfg)
+    n_up = trainer.num_updates
+    chunk = _chunk_size(n_up, num_chunks)
+    keys = jax.random.split(jax.random.key(cfg.seed), cfg.num_seeds)
+
+    init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
+    run = jax.jit(jax.vmap(lambda r, p: trainer.run(r, p, chunk), in_axes=(0, None)), donate_argnums=0)
+    runner = init(keys, env_params)
+    run_c = run.lower(runner, env_params).compile()
+    jax.block_until_ready(runner)
+    compile_s = time.perf_counter() - t0
+
+    steps_per_chunk = chunk * cfg.batch_size * cfg.num_seeds
+    chunks_metrics = []
+    t_run = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n_up, desc="ppo", unit="upd", dynamic_ncols=True)
+    try:
+        for _ in range(n_up // chunk):
+            runner, m = run_c(runner, env_params)
+            m = jax.device_get(m)
+            chunks_metrics.append(m)
+            if bar is not None:
+                el = time.perf_counter() - t_run
+                done_steps = len(chunks_metrics) * steps_per_chunk
+                ret = float(np.nanmean(m["episode_return"][:, -1])) if "episode_return" in m else float("nan")
+                bar.set_postfix(steps_s=f"{done_steps / max(el, 1e-9):,.0f}", ret=f"{ret:.4g}")
+                bar.update(chunk)
+    finally:
+        if bar is not None:
+            bar.close()
+    jax.block_until_ready(runner)
+    run_s = time.perf_counter() - t_run
+    metrics = {k: np.concatenate([np.asarray(m[k]) for m in chunks_metrics], axis=1) for k in chunks_metrics[0]}
+    total_steps = n_up * cfg.batch_size * cfg.num_seeds
+    return PPOResult(params=jax.device_get(runner.params), metrics=metrics, config=cfg,
+                     env_steps_per_s=total_steps / max(run_s, 1e-9), wall_s=time.perf_counter() - t0,
+                     compile_s=compile_s, trace_counts=dict(trainer.trace_counts))
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def policy_fn(cfg: PPOConfig, core: Any) -> Callable[..., jax.Array]:
+    """``act(params, obs (..., D), key, deterministic=False) -> action`` for one seed's params.
+
+    action: (..., H) int32 choice indices (H = len(action_nvec)), or (...) for a single Discrete action
+    (empty nvec). deterministic (bool or traced bool) takes the argmax of each head. ``core`` may be a core
+    or a :func:`core_meta` dict. Pure and jittable."""
+    nvec, scalar = _action_spec(core)
+    net = ActorCritic(nvec=nvec, hidden=cfg.hidden)
+
+    def act(params, obs, key, deterministic=False):
+        logits, _ = net.apply(params, jnp.asarray(obs, jnp.float32))
+        dist = _MultiCategorical(logits, nvec)
+        a = jnp.where(deterministic, dist.mode(), dist.sample(key))
+        return a[..., 0] if scalar else a
+
+    return act
+
+
+def save_policy(path: str | Path, params: Any, cfg: PPOConfig, core_meta: Mapping) -> Path:
+    """Write a policy folder ``path``: ``policy.msgpack`` (params) and ``policy.json`` (format, config,
+    core metadata; see :func:`core_meta`). Both files are written atomically, JSON last."""
+    if not isinstance(cfg, PPOConfig):
+        raise ValueError(f"cfg must be a PPOConfig, got {type(cfg).__name__}")
+    if not isinstance(core_meta, Mapping):
+        raise ValueError(f"core_meta must be a dict (see qpolicy.agents.ppo_jax.core_meta), got "
+                         f"{type(core_meta).__name__}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_pytree(path / WEIGHTS_FILE, params)
+    atomic_write_json(path / META_FILE, {"format": POLICY_FORMAT, "version": POLICY_VERSION,
+                                         "config": cfg.to_dict(), "meta": dict(core_meta)})
+    return path
+
+
+def load_policy(path: str | Path) -> tuple[Any, PPOConfig, dict]:
+    """Read a folder written by :func:`save_policy` -> (params (jax arrays), cfg, meta).
+
+    Raises FileNotFoundError for a missing folder/file and ValueError for a corrupt or foreign one, or for
+    params whose shapes do not match the saved config and metadata."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"policy folder not found: {path} (expected {META_FILE} and {WEIGHTS_FILE})")
+    doc = read_json(path / META_FILE, what="policy metadata")
+    if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{path / META_FILE}: field 'format' is {got!r}, expected {POLICY_FORMAT!r}")
+    if doc.get("version") != POLICY_VERSION:
+        raise ValueError(f"{path / META_FILE}: field 'version' is {doc.get('version')!r}, "
+                         f"this reader supports {POLICY_VERSION}")
+    for k in ("config", "meta"):
+        if not isinstance(doc.get(k), dict):
+            raise ValueError(f"{path / META_FILE} lacks the object field {k!r}")
+    cfg = PPOConfig.from_dict(doc["config"])
+    meta = doc["meta"]
+    raw = load_pytree(path / WEIGHTS_FILE, what="policy weights")
+    params = jax.tree_util.tree_map(jnp.asarray, raw)
+    if "obs_size" in meta and "action_nvec" in meta:
+        nvec, _ = _action_spec(meta)
+        ref = jax.eval_shape(ActorCritic(nvec=nvec, hidden=cfg.hidden).init, jax.random.key(0),
+                             jnp.zeros((int(meta["obs_size"]),), jnp.float32))
+        ok = jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(params) and all(
+            tuple(a.shape[-len(b.shape):]) == tuple(b.shape)
+            for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref)))
+        if not ok:
+            raise ValueError(f"{path / WEIGHTS_FILE} does not match the saved config/metadata (hidden="
+                             f"{cfg.hidden}, obs_size={meta['obs_size']}, action_nvec={meta['action_nvec']})")
+    return params, cfg, meta

@@ -1,0 +1,239 @@
+"""Non-RL baselines: ILP vs brute force, known optimum, budgets, monotone ramps, search elitism, repair."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from qpolicy.agents import baselines as B
+from qpolicy.cost import CostModel
+from qpolicy.rollout import QuantConfig
+
+BUDGET = 0.03
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tiny():
+    from qpolicy.denoiser import wrap_denoiser
+    from qpolicy.diffusion import make_schedule
+    from qpolicy.models import init_unet, preset_config
+    from qpolicy.rollout import make_engine, reference_bank
+
+    cfg = preset_config("tiny", image_size=8, in_channels=1)
+    module, params = init_unet(cfg, jax.random.key(0))
+    den = wrap_denoiser(module, {"params": params}, image_shape=(8, 8, 1),
+                        schedule=make_schedule("linear", 100), name="tiny")
+    eng = make_engine(den, steps=3)
+    bank = reference_bank(eng, "train", 8, disk_cache=False)
+    return eng, bank
+
+
+@pytest.fixture(scope="module")
+def all_bl(tiny):
+    eng, bank = tiny
+    return B.all_baselines(eng, bank, BUDGET, progress=False,
+                           search_kwargs={"generations": 3, "population": 4})
+
+
+@dataclasses.dataclass
+class _StubEngine:
+    """Duck-typed engine for the static problem: layers with given MACs, a small choice set."""
+
+    macs: tuple
+    choices: tuple
+    num_steps: int = 2
+
+    @property
+    def num_layers(self):
+        return len(self.macs)
+
+    @property
+    def qcfg(self):
+        return QuantConfig(bit_choices=self.choices)
+
+    def cost_model(self):
+        m = np.asarray(self.macs, np.float64)
+        return CostModel(macs=m, params=m, bit_choices=self.choices)
+
+
+def _brute_force(eng, sens, budget):
+    cm = eng.cost_model()
+    best = None
+    for combo in itertools.product(range(len(eng.choices)), repeat=eng.num_layers):
+        bits = np.array([eng.choices[c] for c in combo])
+        if cm.summary(bits, bits)["bops_rel_fp32"] > budget * (1 + 1e-9):
+            continue
+        obj = sum(sens[l, c] for l, c in enumerate(combo))
+        if best is None or obj < best[0]:
+            best = (obj, bits)
+    return best
+
+
+# ------------------------------------------------------------------------------------------ static ILP
+def test_ilp_equals_brute_force_and_respects_budget():
+    eng = _StubEngine(macs=(100.0, 300.0, 50.0), choices=(2, 4, 8))
+    sens = np.array([[5.0, 1.0, 0.0],
+                     [9.0, 2.0, 0.0],
+                     [1.0, 0.5, 0.0]])
+    cm = eng.cost_model()
+    for budget in (16 / 1024 + 1e-4, 0.03, 40 / 1024, 0.05):
+        bl = B.sensitivity_mixed_precision(eng, sens, budget)
+        assert bl.name == "sensitivity_ilp" and bl.info["solver"] == "milp"
+        assert bl.bits_w.shape == (2, 3) and (bl.bits_w == bl.bits_w[0]).all() and bl.tied
+        cost = cm.summary(bl.bits_w, bl.bits_a)["bops_rel_fp32"]
+        assert cost <= budget * (1 + 1e-9)
+        obj, bits = _brute_force(eng, sens, budget)
+        assert bl.info["objective"] == pytest.approx(obj)
+        np.testing.assert_array_equal(bl.bits_w[0], bits)
+
+
+def test_ilp_matches_brute_force_on_random_tables():
+    rng = np.random.default_rng(0)
+    eng = _StubEngine(macs=(100.0, 300.0, 50.0), choices=(2, 4, 8))
+    for _ in range(10):
+        sens = np.sort(rng.random((3, 3)), axis=1)[:, ::-1].copy()
+        budget = float(rng.uniform(4 / 1024, 64 / 1024))
+        bl = B.sensitivity_mixed_precision(eng, sens, budget)
+        assert bl.info["objective"] == pytest.approx(_brute_force(eng, sens, budget)[0])
+
+
+def test_greedy_fallback_respects_budget(monkeypatch):
+    eng = _StubEngine(macs=(100.0, 300.0, 50.0), choices=(2, 4, 8))
+    sens = np.array([[5.0, 1.0, 0.0], [9.0, 2.0, 0.0], [1.0, 0.5, 0.0]])
+    bl = B.sensitivity_mixed_precision(eng, sens, 0.03, solver="greedy")
+    assert bl.name == "sensitivity_greedy"
+    assert B.schedule_cost(eng, bl.bits_w, bl.bits_a) <= 0.03
+    monkeypatch.setattr(B, "_solve_milp", lambda *a, **k: None)  # milp unavailable / failed
+    bl = B.sensitivity_mixed_precision(eng, sens, 0.03)
+    assert bl.info["solver"] == "greedy" and B.schedule_cost(eng, bl.bits_w, bl.bits_a) <= 0.03
+
+
+def test_insensitive_layer_gets_fewest_bits(tiny):
+    eng, _ = tiny
+    L, C = eng.num_layers, len(eng.qcfg.bit_choices)
+    rng = np.random.default_rng(1)
+    decay = 2.0 ** -np.arange(C)  # penalty halves with each extra bit choice
+    sens = (1.0 + rng.random((L, 1))) * decay[None]
+    sens[:, -1] = 0.0
+    k = int(np.argmax(eng.cost_model().macs))  # the most expensive layer does not care
+    sens[k] = 0.0
+    for solver in ("milp", "greedy"):
+        bl = B.sensitivity_mixed_precision(eng, sens, BUDGET, solver=solver)
+        assert B.schedule_cost(eng, bl.bits_w, bl.bits_a) <= BUDGET
+        assert (bl.bits_w[:, k] == eng.qcfg.bit_choices[0]).all()
+        assert bl.bits_w[0].mean() > eng.qcfg.bit_choices[0]
+
+
+def test_bad_sensitivity_shape(tiny):
+    eng, _ = tiny
+    with pytest.raises(ValueError, match="sens must be"):
+        B.sensitivity_mixed_precision(eng, np.zeros((3, 3)), BUDGET)
+
+
+# ------------------------------------------------------------------------------------------ all baselines
+def test_all_baselines_shapes_choices_budget(tiny, all_bl):
+    eng, _ = tiny
+    S, L = eng.num_steps, eng.num_layers
+    names = [b.name for b in all_bl]
+    assert names[0].startswith("uniform_")
+    for n in ("sensitivity_ilp", "timestep_ramp_up", "timestep_ramp_down", "search_evolution", "random"):
+        assert n in names
+    uniform = [b for b in all_bl if b.name.startswith("uniform_")]
+    assert 1 <= len(uniform) <= 20 and "uniform_w4a8" in names and "uniform_w8a8" in names
+    for b in all_bl:
+        assert b.bits_w.shape == (S, L) and b.bits_a.shape == (S, L), b.name
+        assert b.bits_w.dtype == np.int32 and b.bits_a.dtype == np.int32
+        assert np.isin(b.bits_w, eng.qcfg.bit_choices).all() and np.isin(b.bits_a, eng.qcfg.bit_choices).all()
+        if not b.name.startswith("uniform_"):
+            assert B.schedule_cost(eng, b.bits_w, b.bits_a) <= BUDGET * (1 + 1e-9), b.name
+            assert b.tied and b.info["budget"] == BUDGET
+            assert "seconds" in b.info
+
+
+def test_timestep_ramps_monotone(all_bl):
+    by = {b.name: b for b in all_bl}
+    up, down = by["timestep_ramp_up"].bits_w, by["timestep_ramp_down"].bits_w
+    assert (up == up[:, :1]).all() and (down == down[:, :1]).all()  # all layers share a step's bits
+    assert (np.diff(up[:, 0]) >= 0).all()
+    assert (np.diff(down[:, 0]) <= 0).all()
+
+
+def test_search_never_worse_than_initial_population(tiny, all_bl):
+    eng, bank = tiny
+    s = {b.name: b for b in all_bl}["search_evolution"]
+    assert s.info["best_score"] <= s.info["init_best_score"] + 1e-12
+    seeds = [b for b in all_bl if b.name in ("sensitivity_ilp", "timestep_ramp_up", "timestep_ramp_down")]
+    fin, trj = B.train_scores(eng, bank, [(b.bits_w, b.bits_a) for b in [s] + seeds])
+    score = fin + B.TRAJ_TIE * trj
+    assert score[0] <= score[1:].min() + 1e-9
+    assert score[0] == pytest.approx(s.info["best_score"], rel=1e-5)
+
+
+def test_sensitivity_table(tiny):
+    eng, bank = tiny
+    ch = eng.qcfg.bit_choices
+    sens, info = B.layer_sensitivity(eng, bank, probe_bits=(2, 4), return_info=True)
+    assert sens.shape == (eng.num_layers, len(ch)) and (sens >= 0).all()
+    assert info["probes"] == 1 + 2 * eng.num_layers
+    assert (np.diff(sens, axis=1) <= 1e-12).all()  # monotone: more bits never look worse
+    assert (sens[:, [i for i, b in enumerate(ch) if b >= 8]] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------ repair / random
+def test_budget_repair(tiny):
+    eng, _ = tiny
+    S, L = eng.num_steps, eng.num_layers
+    ch = eng.qcfg.bit_choices
+    rng = np.random.default_rng(0)
+    bw = np.asarray(ch)[rng.integers(len(ch), size=(S, L))]
+    for prio in (None, np.tile(np.linspace(1, 0, len(ch)), (L, 1))):
+        w, a = B.budget_repair(eng, bw, bw, BUDGET, prio)
+        assert B.schedule_cost(eng, w, a) <= BUDGET and (w == a).all() and (w <= bw).all()
+    ba = np.asarray(ch)[rng.integers(len(ch), size=(S, L))]
+    w, a = B.budget_repair(eng, bw, ba, BUDGET)  # untied stays untied, still within budget
+    assert B.schedule_cost(eng, w, a) <= BUDGET and (w <= bw).all() and (a <= ba).all()
+    # Already within budget: unchanged.
+    lo = np.full((S, L), 4)
+    np.testing.assert_array_equal(B.budget_repair(eng, lo, lo, BUDGET)[0], lo)
+    # A layer with no penalty is lowered first.
+    prio = np.ones((L, len(ch))) * np.linspace(1, 0, len(ch))
+    prio[5] = 0
+    w, _ = B.budget_repair(eng, np.full((S, L), 8), np.full((S, L), 8), 0.06, prio)
+    assert (w[:, 5] < 8).all()
+
+
+def test_budget_below_minimum_raises(tiny):
+    eng, _ = tiny
+    S, L = eng.num_steps, eng.num_layers
+    b = np.full((S, L), 8)
+    minimum = B.schedule_cost(eng, np.full((S, L), 2), np.full((S, L), 2))
+    with pytest.raises(ValueError, match=r"budget=.*minimum achievable cost") as ei:
+        B.budget_repair(eng, b, b, minimum / 2)
+    assert f"{minimum:.6g}" in str(ei.value)
+    with pytest.raises(ValueError, match="budget"):
+        B.random_schedule(eng, minimum / 2)
+    w, a = B.budget_repair(eng, b, b, minimum)  # exactly the minimum is achievable
+    assert (w == 2).all()
+
+
+def test_random_schedule(tiny):
+    eng, _ = tiny
+    r1, r2 = B.random_schedule(eng, BUDGET, seed=1), B.random_schedule(eng, BUDGET, seed=2)
+    assert r1.name == "random" and B.schedule_cost(eng, r1.bits_w, r1.bits_a) <= BUDGET
+    assert not np.array_equal(r1.bits_w, r2.bits_w)
+    np.testing.assert_array_equal(B.random_schedule(eng, BUDGET, seed=1).bits_w, r1.bits_w)
+    u = B.random_schedule(eng, BUDGET, seed=1, tie=False)
+    assert not u.tied and B.schedule_cost(eng, u.bits_w, u.bits_a) <= BUDGET
+
+
+def test_uniform_baselines_pairs(tiny):
+    eng, _ = tiny
+    bl = B.uniform_baselines(eng, pairs=[(4, 8), (4, 8), (6, 6)])
+    assert [b.name for b in bl] == ["uniform_w4a8", "uniform_w6a6"]
+    assert (bl[0].bits_w == 4).all() and (bl[0].bits_a == 8).all()
+    with pytest.raises(ValueError, match="accepted"):
+        B.uniform_baselines(eng, pairs=[(7, 7)])
