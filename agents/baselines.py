@@ -182,7 +182,8 @@ def _repair(tab, iw, ia, budget, prio=None, *, tie=True, frozen=None, cur_bits=N
                 cur = iw if k == 0 else ia
                 primary = -cur_bits[cur].astype(np.float64)
             else:
-                primary = dsens / -dcost
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    primary = dsens / -dcost
             primary = np.where(ok, primary, np.inf)
             secondary = np.where(ok, dcost, np.inf)  # more negative = larger saving
             flat = np.lexsort((secondary.ravel(), primary.ravel()))[0]
@@ -223,7 +224,8 @@ def _fill(tab, iw, ia, budget, prio, *, tie=True, frozen=None):
                 ok = ok & ~frozen
             if not ok.any():
                 continue
-            gain = np.where(ok, -dsens / np.maximum(dcost, 1e-30), -np.inf)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gain = np.where(ok, -dsens / np.maximum(dcost, 1e-30), -np.inf)
             flat = int(np.argmax(gain))
             t, l = np.unravel_index(flat, iw.shape)
             if best is None or gain[t, l] > best[0]:

@@ -68,9 +68,7 @@ With tied bits only the ``w`` block is present (it stands for both).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax
@@ -467,6 +465,7 @@ class QuantDiffusionLayerwiseCore(_CoreBase):
 
 _CORES: dict[tuple, _CoreBase] = {}
 _STATIC_CORES: dict[tuple, _CoreBase] = {}
+_ENGINES: dict[EnvConfig, QuantEngine] = {}
 _JITS = ("jit_reset", "jit_step_env", "jit_reset_batch", "jit_step_batch")
 
 
@@ -491,7 +490,8 @@ def make_core(*, layerwise: bool = False, config: EnvConfig | None = None, **kwa
     cls = QuantDiffusionLayerwiseCore if layerwise else QuantDiffusionCore
     sk = (bool(layerwise), static_config(cfg))
     base = _STATIC_CORES.get(sk)
-    core = cls(cfg, engine=None if base is None else base.engine)
+    core = cls(cfg, engine=_ENGINES.get(sk[1]))
+    _ENGINES.setdefault(sk[1], core.engine)  # per-step and layer-wise cores share the engine
     if base is None:
         _STATIC_CORES[sk] = core
     else:

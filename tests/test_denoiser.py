@@ -148,7 +148,7 @@ def test_checkpoint_round_trip_float16(tiny_denoiser, tmp_path):
     loaded = load_denoiser(out)
     assert loaded.name == "half"
     leaves = jax.tree_util.tree_leaves(loaded.params)
-    assert {a.dtype for a in leaves} == {jnp.float32}
+    assert {np.dtype(a.dtype) for a in leaves} == {np.dtype(np.float32)}
     max_rel = 0.0
     for a, b in zip(leaves, jax.tree_util.tree_leaves(den.params)):
         a, b = np.asarray(a), np.asarray(b)
@@ -255,14 +255,13 @@ def test_wrap_denoiser_rejects_bad_models(tiny_denoiser):
 
 
 # --------------------------------------------------------------------------- generate
-def test_generate_batching_and_seed(tiny_denoiser):
+def test_generate_batching_independent(tiny_denoiser):
     den = tiny_denoiser
     a = generate(den, 5, steps=3, batch_size=8)
     b = generate(den, 5, steps=3, batch_size=2)  # 3 batches, the last one padded
     assert a.shape == (5, 8, 8, 1) and a.dtype == np.float32
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-    c = generate(den, 2, steps=3, batch_size=8, seed=1)
-    assert np.abs(c - a[:2]).max() > 1e-3
+    assert np.abs(a[0] - a[1]).max() > 1e-3  # each image has its own noise
     with pytest.raises(ValueError, match="n must be"):
         generate(den, 0)
 
