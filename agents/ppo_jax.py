@@ -337,8 +337,13 @@ class PPOTrainer:
     def _env_reset(self, keys, env_params):
         return jax.vmap(self.core.reset, in_axes=(0, None))(keys, env_params)
 
-    def _env_step(self, keys, states, actions, env_params):
+    def _env_step(self, key, states, actions, env_params):
         a = actions[..., 0] if self.scalar_action else actions
+        if hasattr(self.core, "step_batch"):
+            # the qpolicy cores' batched step: same auto-reset semantics, and the layer-wise core runs the
+            # denoiser forward only on decisions that complete a step (all envs are in lockstep here)
+            return self.core.step_batch(key, states, a, env_params)[:6]
+        keys = jax.random.split(key, self.cfg.num_envs)
         return jax.vmap(self.core.step, in_axes=(0, 0, 0, None))(keys, states, a, env_params)
 
     def init(self, key: jax.Array, env_params: Any = None) -> RunnerState:
@@ -379,8 +384,7 @@ class PPOTrainer:
             dist = _MultiCategorical(logits, self.nvec)
             action = dist.sample(k_act)
             log_prob = dist.log_prob(action)
-            obs, env_state, reward, term, trunc, info = self._env_step(
-                jax.random.split(k_env, cfg.num_envs), r.env_state, action, env_params)
+            obs, env_state, reward, term, trunc, info = self._env_step(k_env, r.env_state, action, env_params)
             reward = reward.astype(jnp.float32)
             done = jnp.logical_or(term, trunc)
             ep_ret = r.ep_return + reward

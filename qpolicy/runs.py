@@ -230,8 +230,8 @@ def _train_ppo_jax(cfg: RunConfig, run_dir: Path, *, progress: bool, t0: float) 
     pcfg = ppo_jax.PPOConfig(**{"num_envs": cfg.num_envs, "total_timesteps": cfg.total_timesteps, "seed": cfg.seed,
                                 **cfg.agent_kwargs})
     res = ppo_jax.train(core, pcfg, progress=progress)
-    params = jax.tree_util.tree_map(lambda a: a[0], res.params)  # first seed is the run's policy
-    ppo_jax.save_policy(run_dir / "policy.msgpack", params, pcfg, {"layerwise": cfg.layerwise})
+    params = res.seed_params(0)  # the first seed is the run's policy
+    ppo_jax.save_policy(run_dir / "policy.msgpack", params, pcfg, {**ppo_jax.core_meta(core), "layerwise": cfg.layerwise})
     tracker = Tracker(run_dir, config=cfg.to_dict(), mode=cfg.wandb, name=cfg.name)
     for u in range(res.metrics[next(iter(res.metrics))].shape[1]):
         tracker.log({k: float(np.asarray(v)[0, u]) for k, v in res.metrics.items()}, (u + 1) * pcfg.num_envs
