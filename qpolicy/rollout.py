@@ -43,13 +43,15 @@ class QuantConfig:
     asymmetric per-tensor activations). act_ranges: "dynamic" (min/max of each image's tensor at each
     call: per-sample, so results do not depend on batching) or "static"
     (calibrated per (layer, step bucket) from FP trajectories). range_buckets: step buckets for static.
-    bit_choices: accepted bitwidths."""
+    bit_choices: accepted bitwidths. precompute_weights: quantize each layer's weights once per choice
+    and gather at run time (fast; bits must be choices) instead of per call (keeps the STE gradient)."""
 
     w_spec: QuantSpec = WEIGHT_DEFAULT
     a_spec: QuantSpec = ACT_DEFAULT
     act_ranges: str = "dynamic"
     range_buckets: int = 4
     bit_choices: tuple[int, ...] = DEFAULT_BIT_CHOICES
+    precompute_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.act_ranges not in ACT_RANGE_MODES:
@@ -95,6 +97,7 @@ class QuantEngine:
     act_ranges_table: jax.Array | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_table", self._build_weight_table() if self.qcfg.precompute_weights else None)
         if self.qcfg.act_ranges == "static":
             L = len(self.den.layers)
             if self.act_ranges_table is None:
@@ -121,10 +124,26 @@ class QuantEngine:
     def bucket(self, i: jax.Array) -> jax.Array:
         return (i * self.qcfg.range_buckets) // self.num_steps
 
+    def _build_weight_table(self) -> Any:
+        """Params tree whose layer weights are stacks (C, *w.shape): the weights fake-quantized once at
+        every bit choice, so a forward only gathers (no per-call, per-env re-quantization). Built eagerly
+        in __post_init__ so it is concrete even when the engine is first used inside a trace."""
+        choices = jnp.asarray(self.qcfg.bit_choices, jnp.int32)
+        q = jax.jit(lambda p: map_layer_weights(p, self.den.layers, lambda l, w: jax.vmap(
+            lambda b: fake_quant(w, b, self.qcfg.w_spec))(choices)))
+        return jax.block_until_ready(q(self.den.params))
+
     def quantize_params(self, bits_w: jax.Array) -> Any:
-        """The params collection with each layer's weights fake-quantized at bits_w[l] (bits_w: (L,))."""
-        return map_layer_weights(self.den.params, self.den.layers,
-                                 lambda l, w: fake_quant(w, bits_w[l], self.qcfg.w_spec))
+        """The params collection with each layer's weights fake-quantized at bits_w[l] (bits_w: (L,)).
+
+        With ``qcfg.precompute_weights`` (default) the weights come from ``weight_table`` (bits must
+        be in ``bit_choices``, which every public entry point checks); otherwise they are quantized here,
+        which keeps the straight-through gradient to the float weights (QAT)."""
+        if not self.qcfg.precompute_weights:
+            return map_layer_weights(self.den.params, self.den.layers,
+                                     lambda l, w: fake_quant(w, bits_w[l], self.qcfg.w_spec))
+        idx = jnp.searchsorted(jnp.asarray(self.qcfg.bit_choices, jnp.int32), bits_w)
+        return map_layer_weights(self.weight_table, self.den.layers, lambda l, stack: stack[idx[l]])
 
     def eps(self, x: jax.Array, i: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
         """Quantized eps at sampler step i for x (B, H, W, C), with (L,) bits."""

@@ -255,3 +255,13 @@ def test_wrap_denoiser_bad_input():
         wrap_denoiser(lambda x, t: x, {}, image_shape=(4, 4, 1), schedule=make_schedule())
     with pytest.raises(ValueError, match="image_shape"):
         wrap_denoiser(UserModel(), {"params": {}}, image_shape=(4, 4), schedule=make_schedule())
+
+
+def test_precomputed_weight_table_matches_per_call_quantization(tiny):
+    fast = make_engine(tiny, steps=3)
+    slow = make_engine(tiny, steps=3, qcfg=QuantConfig(precompute_weights=False))
+    rng = np.random.default_rng(1)
+    bw = jnp.asarray(rng.choice(np.array(fast.qcfg.bit_choices), fast.num_layers), jnp.int32)
+    a, b = fast.quantize_params(bw), slow.quantize_params(bw)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
