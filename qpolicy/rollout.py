@@ -44,14 +44,15 @@ class QuantConfig:
     call: per-sample, so results do not depend on batching) or "static"
     (calibrated per (layer, step bucket) from FP trajectories). range_buckets: step buckets for static.
     bit_choices: accepted bitwidths. precompute_weights: quantize each layer's weights once per choice
-    and gather at run time (fast; bits must be choices) instead of per call (keeps the STE gradient)."""
+    and gather at run time (bits must be choices) instead of per call (the default, which keeps the STE
+    gradient and measured faster on the H100: benchmarks/results/*precomputed_weights.json)."""
 
     w_spec: QuantSpec = WEIGHT_DEFAULT
     a_spec: QuantSpec = ACT_DEFAULT
     act_ranges: str = "dynamic"
     range_buckets: int = 4
     bit_choices: tuple[int, ...] = DEFAULT_BIT_CHOICES
-    precompute_weights: bool = True
+    precompute_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.act_ranges not in ACT_RANGE_MODES:
@@ -136,8 +137,8 @@ class QuantEngine:
     def quantize_params(self, bits_w: jax.Array) -> Any:
         """The params collection with each layer's weights fake-quantized at bits_w[l] (bits_w: (L,)).
 
-        With ``qcfg.precompute_weights`` (default) the weights come from ``weight_table`` (bits must
-        be in ``bit_choices``, which every public entry point checks); otherwise they are quantized here,
+        With ``qcfg.precompute_weights`` the weights come from ``weight_table`` (bits must
+        be in ``bit_choices``, which every public entry point checks); by default they are quantized here,
         which keeps the straight-through gradient to the float weights (QAT)."""
         if not self.qcfg.precompute_weights:
             return map_layer_weights(self.den.params, self.den.layers,
