@@ -505,8 +505,17 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
     chunk = _chunk_size(n_up, num_chunks)
     keys = jax.random.split(jax.random.key(cfg.seed), cfg.num_seeds)
 
-    init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
-    run = jax.jit(jax.vmap(lambda r, p: trainer.run(r, p, chunk), in_axes=(0, None)), donate_argnums=0)
+    if cfg.num_seeds == 1:
+        # No seed vmap for one seed: under vmap the layer-wise core's lax.cond (forward only on a step's last
+        # layer) would become a select that runs the denoiser on every decision. A leading seed axis of 1 is
+        # added around the unbatched calls so results keep the (num_seeds, ...) layout.
+        add = lambda t: jax.tree_util.tree_map(lambda x: x[None], t)
+        drop = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)
+        init = jax.jit(lambda k, p: add(trainer.init(k[0], p)))
+        run = jax.jit(lambda r, p: add(trainer.run(drop(r), p, chunk)), donate_argnums=0)
+    else:
+        init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
+        run = jax.jit(jax.vmap(lambda r, p: trainer.run(r, p, chunk), in_axes=(0, None)), donate_argnums=0)
     runner = init(keys, env_params)
     run_c = run.lower(runner, env_params).compile()
     jax.block_until_ready(runner)

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: train a policy on digits16, evaluate vs baselines, export")
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "experiments" / "configs"
-                                           / "digits16_ppo.yaml"))
+                                           / "digits16_ppo_jax.yaml"))
     d.add_argument("--set", action="append")
     d.add_argument("--out", default="out/demo")
     d.set_defaults(fn=cmd_demo)

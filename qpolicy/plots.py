@@ -55,23 +55,41 @@ def pareto(policies: Sequence[dict], path, *, title: str = "cost vs final error"
 
 
 def bit_heatmaps(schedules: Sequence[tuple[str, np.ndarray, np.ndarray]], layer_names: Sequence[str], path,
-                 *, max_panels: int = 12) -> Path:
-    """One panel per schedule: weight bits (layer x step); activation bits in a second column if they differ."""
-    schedules = list(schedules)[:max_panels]
-    cols = 2
-    fig, axes = plt.subplots(len(schedules), cols, figsize=(10, 0.14 * len(layer_names) * len(schedules) + 1),
-                             squeeze=False)
-    for row, (name, bw, ba) in zip(axes, schedules):
-        for ax, bits, which in zip(row, (bw, ba), ("W", "A")):
-            im = ax.imshow(np.log2(np.asarray(bits, float)).T, aspect="auto", cmap="viridis", vmin=1, vmax=5)
-            ax.set_title(f"{name} ({which} bits)", fontsize=8)
-            ax.set_xlabel("sampler step (noisy → clean)", fontsize=7)
-            ax.set_yticks(range(len(layer_names)))
-            ax.set_yticklabels(layer_names, fontsize=4)
-            ax.tick_params(axis="x", labelsize=6)
-    cb = fig.colorbar(im, ax=axes, shrink=0.5)
+                 *, max_panels: int = 12, skip_uniform: bool = True, ncols: int = 4) -> Path:
+    """One panel per schedule of bits (layer x step): weights, plus activations when they differ.
+    Uniform schedules (every entry equal) are skipped by default: their heatmap is a flat colour."""
+    panels = []
+    for name, bw, ba in schedules:
+        bw, ba = np.asarray(bw), np.asarray(ba)
+        if skip_uniform and np.all(bw == bw.flat[0]) and np.all(ba == ba.flat[0]):
+            continue
+        panels.append((name if np.array_equal(bw, ba) else f"{name} (W)", bw))
+        if not np.array_equal(bw, ba):
+            panels.append((f"{name} (A)", ba))
+    panels = panels[:max_panels] or [(n, np.asarray(w)) for n, w, _ in schedules[:1]]
+    L = len(layer_names)
+    rows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(rows, min(ncols, len(panels)), figsize=(3.2 * min(ncols, len(panels)) + 1.5,
+                                                                    0.11 * L * rows + 1.2), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.axis("off")
+            continue
+        name, bits = panels[k]
+        im = ax.imshow(np.log2(bits.astype(float)).T, aspect="auto", cmap="viridis", vmin=1, vmax=5,
+                       interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("sampler step (noisy → clean)", fontsize=7)
+        ax.tick_params(axis="x", labelsize=6)
+        if k % ncols == 0:
+            ax.set_yticks(range(L))
+            ax.set_yticklabels(layer_names, fontsize=max(3, min(6, 400 // L)))
+        else:
+            ax.set_yticks([])
+    cb = fig.colorbar(im, ax=axes, shrink=0.6)
     cb.set_ticks([1, 2, 3, 4, 5])
     cb.set_ticklabels(["2", "4", "8", "16", "32"])
+    cb.set_label("bits")
     return _save(fig, path)
 
 

@@ -1,7 +1,7 @@
 """Training runs, evaluation against baselines, and export of learned precision policies.
 
 A run directory holds ``config.yaml`` (the resolved :class:`RunConfig`), ``metrics.jsonl``,
-``checkpoints/`` (periodic), ``policy.zip`` (SB3) or ``policy.msgpack`` + ``policy.json`` (JAX PPO),
+``checkpoints/`` (periodic, SB3), ``policy.zip`` (SB3) or ``policy/`` (JAX PPO: msgpack + json),
 ``wandb/`` (offline unless asked) and, after evaluation, ``eval/`` (evaluation.json, plots, schedules).
 """
 from __future__ import annotations
@@ -105,8 +105,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 # ------------------------------------------------------------------------------------------ agents
+def relaxed_to_index(actions: np.ndarray, nvec: np.ndarray) -> np.ndarray:
+    """HAQ-style relaxation: a continuous action in [-1, 1] per entry -> the nearest choice index."""
+    return np.rint((np.clip(actions, -1, 1) + 1) / 2 * (np.asarray(nvec) - 1)).astype(np.int64)
+
+
 def _relaxed(venv):
-    """HAQ-style continuous relaxation: Box actions in [-1, 1]^n mapped to the nearest choice index."""
+    """Wrap an SB3 VecEnv with MultiDiscrete actions as a Box([-1, 1]^n) env (see relaxed_to_index)."""
     from gymnasium import spaces
     from stable_baselines3.common.vec_env import VecEnvWrapper
 
@@ -120,8 +125,7 @@ def _relaxed(venv):
             return self.venv.reset()
 
         def step_async(self, actions):
-            idx = np.rint((np.clip(actions, -1, 1) + 1) / 2 * (nvec - 1)).astype(np.int64)
-            self.venv.step_async(idx)
+            self.venv.step_async(relaxed_to_index(actions, nvec))
 
         def step_wait(self):
             return self.venv.step_wait()
@@ -231,7 +235,7 @@ def _train_ppo_jax(cfg: RunConfig, run_dir: Path, *, progress: bool, t0: float) 
                                 **cfg.agent_kwargs})
     res = ppo_jax.train(core, pcfg, progress=progress)
     params = res.seed_params(0)  # the first seed is the run's policy
-    ppo_jax.save_policy(run_dir / "policy.msgpack", params, pcfg, {**ppo_jax.core_meta(core), "layerwise": cfg.layerwise})
+    ppo_jax.save_policy(run_dir / "policy", params, pcfg, {**ppo_jax.core_meta(core), "layerwise": cfg.layerwise})
     tracker = Tracker(run_dir, config=cfg.to_dict(), mode=cfg.wandb, name=cfg.name)
     for u in range(res.metrics[next(iter(res.metrics))].shape[1]):
         tracker.log({k: float(np.asarray(v)[0, u]) for k, v in res.metrics.items()}, (u + 1) * pcfg.num_envs
@@ -250,8 +254,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Callable]:
         from qpolicy.agents import ppo_jax
         from qpolicy.envs import make_core
 
-        f = run_dir / "policy.msgpack"
-        params, pcfg, _ = ppo_jax.load_policy(f)
+        params, pcfg, _ = ppo_jax.load_policy(run_dir / "policy")
         core = make_core(layerwise=cfg.layerwise, **cfg.env)
         pol = jax.jit(ppo_jax.policy_fn(pcfg, core), static_argnums=3)
         return cfg, lambda obs: np.asarray(pol(params, jnp.asarray(obs), jax.random.key(0), True))
@@ -259,11 +262,6 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Callable]:
     if not f.exists():
         raise FileNotFoundError(f"no trained policy in {run_dir} (expected policy.zip); run `qpolicy train` first")
     model = _sb3_class(cfg.agent).load(f, device="cpu")
-    if cfg.agent == "sac":
-        def act(obs, model=model):
-            a = model.predict(obs, deterministic=True)[0]
-            return a
-        return cfg, act
     return cfg, lambda obs: model.predict(obs, deterministic=True)[0]
 
 
@@ -283,11 +281,11 @@ def policy_schedules(cfg: RunConfig, act: Callable, core, params) -> tuple[np.nd
     S, L, C = core.engine.num_steps, core.L, core.C
     iw = np.zeros((G, S, L), np.int64)
     ia = np.zeros((G, S, L), np.int64)
-    nvec = np.asarray(core.action_nvec)
+    nvec = np.asarray(core.action_nvec())
     for d in range(core.episode_length):
         a = np.asarray(act(np.asarray(obs)))
         if cfg.agent == "sac":
-            a = np.rint((np.clip(a, -1, 1) + 1) / 2 * (nvec - 1)).astype(np.int64)
+            a = relaxed_to_index(a, nvec)
         a = a.reshape(G, -1)
         if cfg.layerwise:
             i, l = divmod(d, L)
@@ -383,6 +381,13 @@ def evaluate_run(run_dir: str | Path, *, baselines: str = "all", budget: float |
     from qpolicy import plots
     from qpolicy.schedule import BitSchedule
 
+    import io as _io
+
+    buf = _io.BytesIO()  # every schedule's bits, for re-plotting or re-use: name -> (S, L) arrays
+    np.savez(buf, **{f"{r['name']}__{which}": b for r, w, a, _ in records for which, b in (("w", w), ("a", a))})
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(out_dir / "schedules.npz", buf.getvalue())
     plots.pareto(result["policies"], out_dir / "pareto.png", title=f"{eng.den.name}: cost vs final error")
     plots.bit_heatmaps([(r["name"], w, a) for r, w, a, _ in records], [l.path for l in eng.den.layers],
                        out_dir / "bits_heatmaps.png")
@@ -422,14 +427,18 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{f} not found: run `qpolicy evaluate --run {run_dir}` first")
     sched = BitSchedule.load(f)
     paths = export(sched, out, fmt)
-    if fmt == "json":
+    if fmt == "json":  # the input-dependent policy's network travels next to its static fallback
         import shutil
 
-        for name in ("policy.zip", "policy.msgpack", "policy.json"):
-            if (run_dir / name).exists():
-                dst = Path(paths[0]).with_name(Path(paths[0]).stem + "_" + name)
-                shutil.copyfile(run_dir / name, dst)
-                paths.append(dst)
+        base = Path(paths[0])
+        if (run_dir / "policy.zip").exists():
+            dst = base.with_name(base.stem + "_policy.zip")
+            shutil.copyfile(run_dir / "policy.zip", dst)
+            paths.append(dst)
+        if (run_dir / "policy").is_dir():
+            dst = base.with_name(base.stem + "_policy")
+            shutil.copytree(run_dir / "policy", dst, dirs_exist_ok=True)
+            paths.append(dst)
     return paths
 
 
