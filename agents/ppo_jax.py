@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import numbers
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qpolicy.checks import is_int as _is_int
+from qpolicy.checks import is_real as _is_real
 from qpolicy.io import atomic_write_json, load_pytree, read_json, save_pytree
 
 __all__ = ["PPOConfig", "ActorCritic", "PPOTrainer", "PPOResult", "make_train", "train", "policy_fn",
@@ -59,12 +60,6 @@ INFO_METRICS = {"error": "final_error", "cost": "cost", "traj_error": "traj_erro
 LOSS_METRICS = ("total_loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 # ---------------------------------------------------------------------------------------------- config

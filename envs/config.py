@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from pathlib import Path
 from typing import Any
 
+from qpolicy.checks import is_int as _is_int
+from qpolicy.checks import is_real as _is_real
 from qpolicy.denoiser import DEFAULT_MODEL, Denoiser
 from qpolicy.quant import DEFAULT_BIT_CHOICES
 
@@ -15,12 +16,6 @@ ENV_BANKS = ("train", "eval")
 ACT_RANGE_MODES = ("dynamic", "static")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

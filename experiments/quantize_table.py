@@ -3,7 +3,6 @@
 Thin entry point: calls `qpolicy quantize` logic for W3A3..W16A16 and FP, prints a Markdown table and
 writes experiments/results/quantize_<model>.json."""
 import argparse
-import json
 import platform
 
 import jax

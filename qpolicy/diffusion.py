@@ -6,7 +6,6 @@ denoiser call as an argument, so the quantized sampler reuses exactly the same s
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable
 

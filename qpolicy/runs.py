@@ -278,7 +278,7 @@ def policy_schedules(cfg: RunConfig, act: Callable, core, params) -> tuple[np.nd
     get_obs = jax.jit(jax.vmap(core.get_obs, in_axes=(0, None)))
     step = jax.jit(jax.vmap(core.step_env, in_axes=(None, 0, 0, None)))
     obs = get_obs(states, params)
-    S, L, C = core.engine.num_steps, core.L, core.C
+    S, L = core.engine.num_steps, core.L
     iw = np.zeros((G, S, L), np.int64)
     ia = np.zeros((G, S, L), np.int64)
     nvec = np.asarray(core.action_nvec())

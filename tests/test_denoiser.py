@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 
 from qpolicy.denoiser import Denoiser, available_models, generate, load_denoiser, save_checkpoint, wrap_denoiser
-from qpolicy.diffusion import make_schedule
 from qpolicy.io import load_pytree
 from qpolicy.layers import trace_layers
 from qpolicy.models import PRESETS, UNet, UNetConfig, init_unet, preset_config

@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 
 import qpolicy.envs as E
-from qpolicy.denoiser import wrap_denoiser
-from qpolicy.diffusion import make_schedule
-from qpolicy.models import init_unet, preset_config
 from qpolicy.rollout import relative_error
 
 T = 3
@@ -26,11 +23,8 @@ def _cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def den():
-    cfg = preset_config("tiny", image_size=8, in_channels=1)
-    module, params = init_unet(cfg, jax.random.key(0))
-    return wrap_denoiser(module, {"params": params}, image_shape=(8, 8, 1), schedule=make_schedule("linear", 100),
-                         name="tiny")
+def den(tiny_denoiser):
+    return tiny_denoiser
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +119,6 @@ def test_reward_telescopes(layerwise, kw):
     n = T * L if layerwise else T
     choices = np.asarray(core.config.bit_choices)
     alpha, lam, budget, beta_fd = 1.7, 0.3, 0.02, 0.5
-    rng = np.random.default_rng(0)
     base = core.default_params.replace(alpha=jnp.float32(alpha), lam=jnp.float32(lam), budget=jnp.float32(budget),
                                        beta_fd=jnp.float32(beta_fd))
     totals = {}

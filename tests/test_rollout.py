@@ -7,17 +7,13 @@ import pytest
 
 from qpolicy import CostModel, QuantConfig, make_engine, reference_bank, wrap_denoiser
 from qpolicy.diffusion import make_schedule
-from qpolicy.layers import total_macs, trace_layers
-from qpolicy.models import init_unet, preset_config
+from qpolicy.layers import total_macs
 from qpolicy.rollout import check_bits, evaluate_schedule, relative_error, schedule_errors, uniform_bits
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = preset_config("tiny", image_size=8, in_channels=1)
-    module, params = init_unet(cfg, jax.random.key(0))
-    return wrap_denoiser(module, {"params": params}, image_shape=(8, 8, 1), schedule=make_schedule("linear", 100),
-                         name="tiny")
+def tiny(tiny_denoiser):
+    return tiny_denoiser
 
 
 @pytest.fixture(scope="module")
