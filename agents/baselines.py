@@ -363,22 +363,23 @@ def layer_sensitivity(engine: QuantEngine, bank: ReferenceBank, *, base_bits: in
                       return_info: bool = False) -> np.ndarray | tuple[np.ndarray, dict]:
     """Measured per-layer sensitivity (HAWQ / MixDQ style): float64 (L, C), C = len(bit_choices).
 
-    sens[l, c] = max(0, E(layer l at choice c, all other layers at ``base_bits``, every step, tied W/A)
-    - E(all layers at base_bits)), E = mean final-sample error over the first ``max_images`` images of
-    ``bank`` (use a train bank). One probe per (layer, probed choice): L * len(probe_bits) sampler runs.
+    sens[l, c] = E(layer l at choice c, all other layers at ``base_bits``, every step, tied W/A)
+    - E(all layers at base_bits), E = mean final-sample error over the first ``max_images`` images of
+    ``bank`` (use a train bank), clipped to >= 0 below ``base_bits`` and to <= 0 above it (fewer bits never
+    help, more never hurt: what crosses zero is noise). Above the base the value is the *gain* of giving
+    layer l more bits, which matters when the base itself is lossy (patches32 at W8A8). One probe per
+    (layer, probed choice): L * len(probe_bits) sampler runs.
 
-    probe_bits: choices to measure; default every choice below ``base_bits`` (a layer at >= base_bits is
-    at least as precise as the reference configuration; what is measured there is noise that the clip
-    removes). Unprobed choices >= base_bits get 0; unprobed choices below are interpolated linearly in
-    bits between probed neighbours (held constant beyond the lowest probe). monotone: make sens
-    non-increasing in bits (running max from the high end: fewer bits never look better).
+    probe_bits: choices to measure; default every choice except ``base_bits``. Unprobed choices are
+    interpolated linearly in bits between probed neighbours (held constant beyond the probed range).
+    monotone: make sens non-increasing in bits (running max from the high end).
     return_info: also return {"seconds", "probes", "base_error", "images"}."""
     t0 = time.perf_counter()
     ch = tuple(engine.qcfg.bit_choices)
     if base_bits not in ch:
         raise ValueError(f"base_bits must be one of bit_choices {ch}, got {base_bits}")
     if probe_bits is None:
-        probe = [b for b in ch if b < base_bits]
+        probe = [b for b in ch if b != base_bits]
     else:
         probe = sorted({int(b) for b in probe_bits})
         bad = [b for b in probe if b not in ch]
@@ -408,20 +409,17 @@ def layer_sensitivity(engine: QuantEngine, bank: ReferenceBank, *, base_bits: in
     if progress:
         bar.close()
     e0 = fin[0]
-    meas = np.clip(fin[1:].reshape(L, len(probe)) - e0, 0.0, None)
+    delta = fin[1:].reshape(L, len(probe)) - e0
+    above = np.array([b > base_bits for b in probe])
+    meas = np.where(above, np.minimum(delta, 0.0), np.maximum(delta, 0.0))
     sens = np.zeros((L, C))
     for l in range(L):
         vals = {b: meas[l, j] for j, b in enumerate(probe)}
         vals[base_bits] = 0.0
         xs = np.array(sorted(vals))
         ys = np.array([vals[b] for b in xs])
-        for c, b in enumerate(ch):
-            if b in vals:
-                sens[l, c] = vals[b]
-            elif b > base_bits:
-                sens[l, c] = 0.0
-            else:  # np.interp holds the end values beyond the probed range
-                sens[l, c] = np.interp(b, xs, ys)
+        for c, b in enumerate(ch):  # np.interp holds the end values beyond the probed range
+            sens[l, c] = vals[b] if b in vals else np.interp(b, xs, ys)
     if monotone:
         sens = np.maximum.accumulate(sens[:, ::-1], axis=1)[:, ::-1].copy()
     info = {"seconds": time.perf_counter() - t0, "probes": len(scheds), "base_error": float(e0),
