@@ -137,6 +137,21 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_calibrate(a) -> int:
+    from .denoiser import load_denoiser
+    from .io import save_npy
+    from .rollout import QuantConfig, calibrate, make_sampler, model_calib_path
+
+    den = load_denoiser(a.model)
+    qcfg = QuantConfig(act_ranges="static", range_buckets=a.buckets)
+    smp = make_sampler(den.schedule, a.sampler, a.steps)
+    path = model_calib_path(den, smp, qcfg, a.n)
+    save_npy(path, calibrate(den, smp, qcfg, n=a.n))
+    print(f"static activation ranges for {den.name} ({a.sampler} {a.steps} steps, {a.buckets} buckets, "
+          f"{a.n} images): {path}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     """Main job: train a PPO precision policy on digits16, evaluate it against every baseline, export it."""
     from .runs import evaluate_run, export_run, load_config, train
@@ -242,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="json", help="json | csv | vidit_yaml | modelopt | onnxruntime | qwix")
     ex.add_argument("--out", required=True)
     ex.set_defaults(fn=cmd_export)
+
+    c = sub.add_parser("calibrate", help="store static activation ranges with a model (its checkpoint folder)")
+    c.add_argument("--model", default="digits16")
+    c.add_argument("--steps", type=int, default=10)
+    c.add_argument("--sampler", default="ddim")
+    c.add_argument("--buckets", type=int, default=4, help="step buckets (ranges per layer and bucket)")
+    c.add_argument("--n", type=int, default=32, help="calibration images (the calib noise bank)")
+    c.set_defaults(fn=cmd_calibrate)
 
     d = sub.add_parser("demo", help="the main job: train a policy on digits16, evaluate vs baselines, export")
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "experiments" / "configs"

@@ -139,7 +139,8 @@ def load_denoiser(name_or_path: str | Path = DEFAULT_MODEL) -> Denoiser:
     params = load_pytree(d / "weights.msgpack", what="checkpoint weights")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
     den = wrap_denoiser(module, {"params": params}, image_shape=meta["image_shape"],
-                        schedule=schedule_from_dict(meta["schedule"]), name=meta.get("name", d.name), metadata=meta)
+                        schedule=schedule_from_dict(meta["schedule"]), name=meta.get("name", d.name),
+                        metadata={**meta, "checkpoint_dir": str(d.resolve())})
     if meta.get("layer_hash") and meta["layer_hash"] != den.layer_hash:
         raise ValueError(f"{d}: layer-list hash {den.layer_hash} differs from the recorded {meta['layer_hash']}; "
                          "the checkpoint does not match this version of the model code")

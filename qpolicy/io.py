@@ -70,3 +70,14 @@ def load_pytree(path: str | os.PathLike, *, what: str = "weights file") -> Any:
         return serialization.msgpack_restore(path.read_bytes())
     except Exception as e:  # msgpack raises several types on corrupt input
         raise ValueError(f"{what} {path} is corrupt or not a qpolicy msgpack file: {e}") from None
+
+
+def save_npy(path: str | os.PathLike, array: Any) -> Path:
+    """Save one array as .npy, atomically."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    return atomic_write_bytes(path, buf.getvalue())

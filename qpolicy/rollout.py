@@ -25,7 +25,7 @@ import numpy as np
 from .cost import CostModel
 from .denoiser import Denoiser
 from .diffusion import Sampler, image_keys, image_noise, make_sampler, sampler_step
-from .io import atomic_write_bytes
+from .io import save_npy
 from .layers import activation_interceptor, map_layer_weights
 from .quant import ACT_DEFAULT, DEFAULT_BIT_CHOICES, WEIGHT_DEFAULT, QuantSpec, fake_quant, range_from
 
@@ -233,28 +233,35 @@ def calibrate(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, *, n: int = 32
     return jnp.stack(table)
 
 
-def _calib_path(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, n: int) -> Path:
-    tag = f"{den.layer_hash}_{sampler.kind}{sampler.num_steps}_b{qcfg.range_buckets}_n{n}"
-    return cache_dir() / "calib" / f"{den.name}_{tag}.npy"
+def calib_tag(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, n: int) -> str:
+    """File stem of a calibration table: layer hash, sampler, steps, buckets, calibration images."""
+    return f"{den.layer_hash}_{sampler.kind}{sampler.num_steps}_b{qcfg.range_buckets}_n{n}"
+
+
+def model_calib_path(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, n: int) -> Path | None:
+    """Where a calibration table stored with the model lives: <checkpoint>/calib/<tag>.npy (None for
+    wrapped models that have no checkpoint folder)."""
+    d = den.metadata.get("checkpoint_dir")
+    return Path(d) / "calib" / f"{calib_tag(den, sampler, qcfg, n)}.npy" if d else None
 
 
 def make_engine(den: Denoiser, *, steps: int = 10, sampler: str = "ddim", eta: float = 0.0,
                 qcfg: QuantConfig | None = None, calib_n: int = 32) -> QuantEngine:
-    """Build a :class:`QuantEngine`; for static activation ranges, calibrate (cached on disk)."""
+    """Build a :class:`QuantEngine`. Static activation ranges come from the table stored with the model
+    (``qpolicy calibrate``) if there is one for this sampler, else from the on-disk cache, else they are
+    calibrated now (and cached)."""
     qcfg = qcfg or QuantConfig()
     smp = make_sampler(den.schedule, sampler, steps, eta=eta)
     table = None
     if qcfg.act_ranges == "static":
-        path = _calib_path(den, smp, qcfg, calib_n)
-        if path.exists():
+        stored = model_calib_path(den, smp, qcfg, calib_n)
+        cached = cache_dir() / "calib" / f"{den.name}_{calib_tag(den, smp, qcfg, calib_n)}.npy"
+        path = next((p for p in (stored, cached) if p is not None and p.exists()), None)
+        if path is not None:
             table = jnp.asarray(np.load(path))
         else:
             table = calibrate(den, smp, qcfg, n=calib_n)
-            import io
-
-            buf = io.BytesIO()
-            np.save(buf, np.asarray(table))
-            atomic_write_bytes(path, buf.getvalue())
+            save_npy(cached, table)
     return QuantEngine(den=den, sampler=smp, qcfg=qcfg, act_ranges_table=table)
 
 
@@ -304,11 +311,7 @@ def reference_bank(engine: QuantEngine, bank: str = "train", size: int = 64, *, 
         parts = [run(keys[s:s + batch_size]) for s in range(0, size, batch_size)]
         traj = jnp.concatenate(parts, axis=1)
         if disk_cache:
-            import io
-
-            buf = io.BytesIO()
-            np.save(buf, np.asarray(traj))
-            atomic_write_bytes(path, buf.getvalue())
+            save_npy(path, traj)
     rb = ReferenceBank(name=key, keys=keys, traj=traj)
     _BANKS[key] = rb
     return rb

@@ -62,3 +62,19 @@ def test_quantize_bad_bits_and_missing_model(capsys):
     assert "not an accepted bitwidth" in capsys.readouterr().err
     assert main(["layers", "--model", "no_such_model"]) == 2
     assert "shipped models" in capsys.readouterr().err
+
+
+def test_calibrate_stores_ranges_with_the_model(tmp_path, tiny_denoiser):
+    from qpolicy import QuantConfig, make_engine
+    from qpolicy.denoiser import save_checkpoint
+
+    ck = save_checkpoint(tmp_path / "ck", module=tiny_denoiser.module, params=tiny_denoiser.params,
+                         schedule=tiny_denoiser.schedule, dataset="digits", image_shape=(8, 8, 1), train={})
+    assert main(["calibrate", "--model", str(ck), "--steps", "3", "--n", "4", "--buckets", "2"]) == 0
+    files = list((ck / "calib").glob("*.npy"))
+    assert len(files) == 1
+    stored = np.load(files[0])
+    assert stored.shape == (2, len(tiny_denoiser.layers), 2) and (stored[..., 0] <= stored[..., 1]).all()
+    eng = make_engine(load_denoiser(ck), steps=3, qcfg=QuantConfig(act_ranges="static", range_buckets=2),
+                      calib_n=4)
+    np.testing.assert_array_equal(np.asarray(eng.act_ranges_table), stored)
