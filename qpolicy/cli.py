@@ -72,15 +72,12 @@ def cmd_quantize(a) -> int:
     from .rollout import QuantConfig, evaluate_schedule, make_engine, reference_bank, uniform_bits
 
     den = load_denoiser(a.model)
-    steps = a.steps
-    bits = None
+    qcfg = QuantConfig(act_ranges=a.act_ranges)
     if a.schedule:
         from .schedule import read_bits_file
 
-        bits = read_bits_file(a.schedule, L=len(den.layers))
-        steps = bits[0].shape[0]
-    eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=QuantConfig(act_ranges=a.act_ranges))
-    if a.schedule:
+        steps = read_bits_file(a.schedule, L=len(den.layers))[0].shape[0]  # the schedule fixes T
+        eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=qcfg)
         from .schedule import load_schedule_for
 
         sched = load_schedule_for(a.schedule, den, eng.sampler)
@@ -88,6 +85,7 @@ def cmd_quantize(a) -> int:
     else:
         if a.w is None or a.a is None:
             raise ValueError("give --w and --a (uniform bits), or --schedule FILE")
+        eng = make_engine(den, steps=a.steps, sampler=a.sampler, qcfg=qcfg)
         bits = uniform_bits(eng, a.w, a.a)
     bank = reference_bank(eng, a.bank, a.n)
     res = evaluate_schedule(eng, bank, *bits, with_fd=not a.no_fd)
@@ -116,7 +114,8 @@ def cmd_train(a) -> int:
 def cmd_evaluate(a) -> int:
     from .runs import evaluate_run
 
-    res = evaluate_run(a.run, baselines=a.baselines, budget=a.budget, n=a.n, progress=not a.json)
+    res = evaluate_run(a.run, baselines=a.baselines, budget=a.budget, n=a.n, progress=not a.json,
+                       with_fd=not a.no_fd)
     if a.json:
         _print_json(res)
     else:
@@ -246,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate a run's policy against the non-RL baselines")
     ev.add_argument("--run", required=True)
-    ev.add_argument("--baselines", default="all", help="all | fast (no search) | none")
+    ev.add_argument("--baselines", default="all", choices=("all", "fast", "none"),
+                    help="all | fast (no per-(layer, step) search) | none")
+    ev.add_argument("--no-fd", action="store_true", help="skip the feature-space Fréchet distances")
     ev.add_argument("--budget", type=float, default=None, help="baselines' BOPs budget (default: learned cost)")
     ev.add_argument("--n", type=int, default=None, help="eval-bank images (default from the run config)")
     ev.add_argument("--json", action="store_true")

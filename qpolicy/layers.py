@@ -152,6 +152,11 @@ def layer_hash(layers: Sequence[LayerInfo]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def path_tuple(path: str) -> tuple[str, ...]:
+    """Registry path string -> module scope path tuple ("" is the top-level module: ())."""
+    return tuple(path.split("/")) if path else ()
+
+
 def _get(tree: Any, path: Sequence[str]) -> Any:
     for p in path:
         tree = tree[p]
@@ -165,7 +170,7 @@ def map_layer_weights(params: Any, layers: Sequence[LayerInfo], fn: Callable[[in
 
     params = copy(params)
     for l in layers:
-        node = _get(params, l.path.split("/")) if l.path else params
+        node = _get(params, path_tuple(l.path))
         for name in l.weight_names:
             node[name] = fn(l.index, node[name])
     return params
@@ -173,7 +178,7 @@ def map_layer_weights(params: Any, layers: Sequence[LayerInfo], fn: Callable[[in
 
 def activation_interceptor(layers: Sequence[LayerInfo], fn: Callable[[int, Any], Any]):
     """An ``intercept_methods`` interceptor that replaces each registered layer's input x by fn(index, x)."""
-    index = {tuple(l.path.split("/")): l.index for l in layers}
+    index = {path_tuple(l.path): l.index for l in layers}
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and args:

@@ -151,7 +151,10 @@ class QuantEngine:
         t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
         if self.qcfg.act_ranges == "static":
             table = self.act_ranges_table[self.bucket(i)]
-            fn = lambda l, a: fake_quant(a, bits_a[l], self.qcfg.a_spec, minmax=(table[l, 0], table[l, 1]))
+            if self.qcfg.a_spec.symmetric:
+                fn = lambda l, a: fake_quant(a, bits_a[l], self.qcfg.a_spec, absmax=table[l, 1])
+            else:
+                fn = lambda l, a: fake_quant(a, bits_a[l], self.qcfg.a_spec, minmax=(table[l, 0], table[l, 1]))
         else:  # dynamic ranges per image, so one image's error never depends on its batch-mates
             fn = lambda l, a: jax.vmap(lambda v: fake_quant(v, bits_a[l], self.qcfg.a_spec))(a)
         with nn.intercept_methods(activation_interceptor(self.den.layers, fn)):
@@ -204,16 +207,21 @@ def relative_error(x_hat: jax.Array, x: jax.Array) -> jax.Array:
 def calibrate(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, *, n: int = 32, seed: int = BANK_SEEDS["calib"]
               ) -> jax.Array:
     """Static activation ranges (range_buckets, L, 2): min/max of each layer's input over FP trajectories
-    of ``n`` calibration images, pooled within each step bucket."""
+    of ``n`` calibration images, pooled within each step bucket ((-absmax, absmax) for a symmetric
+    activation spec). Static ranges are per tensor whatever the spec's granularity."""
     L = len(den.layers)
     keys = image_keys(seed, n)
 
     def ranges_at(x, i):
         rec: dict[int, tuple] = {}
 
-        def fn(l, a):
+        def fn(l, a):  # per-tensor range of this call; symmetric specs keep (-absmax, absmax)
             lo, hi = range_from(a, ACT_DEFAULT)
-            rec[l] = (jnp.min(lo), jnp.max(hi))
+            if qcfg.a_spec.symmetric:
+                m = jnp.maximum(-jnp.min(lo), jnp.max(hi))
+                rec[l] = (-m, m)
+            else:
+                rec[l] = (jnp.min(lo), jnp.max(hi))
             return a
 
         t = jnp.full((x.shape[0],), sampler.timesteps[i], jnp.int32)
@@ -233,9 +241,18 @@ def calibrate(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, *, n: int = 32
     return jnp.stack(table)
 
 
+def weights_hash(den: Denoiser) -> str:
+    """A short hash of the denoiser's weights (first 4 kB of each leaf): keys caches by checkpoint."""
+    h = hashlib.sha256(b"".join(np.asarray(l).tobytes()[:4096] for l in jax.tree_util.tree_leaves(den.params)))
+    return h.hexdigest()[:8]
+
+
 def calib_tag(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, n: int) -> str:
-    """File stem of a calibration table: layer hash, sampler, steps, buckets, calibration images."""
-    return f"{den.layer_hash}_{sampler.kind}{sampler.num_steps}_b{qcfg.range_buckets}_n{n}"
+    """File stem of a calibration table: layer hash, sampler (kind, steps, eta), buckets, images, and the
+    activation spec's symmetry."""
+    sym = "sym" if qcfg.a_spec.symmetric else "asym"
+    eta = f"_eta{sampler.eta:g}" if sampler.kind == "ddim" and sampler.eta else ""
+    return f"{den.layer_hash}_{sampler.kind}{sampler.num_steps}{eta}_b{qcfg.range_buckets}_n{n}_{sym}"
 
 
 def model_calib_path(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, n: int) -> Path | None:
@@ -251,11 +268,13 @@ def make_engine(den: Denoiser, *, steps: int = 10, sampler: str = "ddim", eta: f
     (``qpolicy calibrate``) if there is one for this sampler, else from the on-disk cache, else they are
     calibrated now (and cached)."""
     qcfg = qcfg or QuantConfig()
+    if qcfg.range_buckets > steps:  # a bucket per step at most: empty buckets have no range
+        qcfg = dataclasses.replace(qcfg, range_buckets=steps)
     smp = make_sampler(den.schedule, sampler, steps, eta=eta)
     table = None
     if qcfg.act_ranges == "static":
         stored = model_calib_path(den, smp, qcfg, calib_n)
-        cached = cache_dir() / "calib" / f"{den.name}_{calib_tag(den, smp, qcfg, calib_n)}.npy"
+        cached = cache_dir() / "calib" / f"{den.name}_{weights_hash(den)}_{calib_tag(den, smp, qcfg, calib_n)}.npy"
         path = next((p for p in (stored, cached) if p is not None and p.exists()), None)
         if path is not None:
             table = jnp.asarray(np.load(path))
@@ -297,8 +316,7 @@ def reference_bank(engine: QuantEngine, bank: str = "train", size: int = 64, *, 
         raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
     if size < 1:
         raise ValueError(f"bank size must be >= 1, got {size}")
-    wh = hashlib.sha256(b"".join(np.asarray(l).tobytes()[:4096] for l in jax.tree_util.tree_leaves(engine.den.params)))
-    key = (f"{engine.den.name}_{engine.den.layer_hash}_{wh.hexdigest()[:8]}_{engine.sampler.kind}{engine.num_steps}"
+    key = (f"{engine.den.name}_{engine.den.layer_hash}_{weights_hash(engine.den)}_{engine.sampler.kind}{engine.num_steps}"
            f"_eta{engine.sampler.eta:g}_{bank}{size}")
     if key in _BANKS:
         return _BANKS[key]

@@ -20,9 +20,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from .io import atomic_write_json, atomic_write_text
+from .checks import is_int, is_real
 from .tracking import WANDB_MODES, Tracker
 
 AGENTS = ("ppo", "a2c", "sac", "ppo_jax")
+BASELINE_SETS = ("all", "fast", "none")  # fast: every baseline but the per-(layer, step) search
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,20 +56,48 @@ class RunConfig:
         if self.agent not in AGENTS:
             raise ValueError(f"agent must be one of {AGENTS}, got {self.agent!r}")
         for f in ("total_timesteps", "num_envs", "checkpoint_every", "eval_bank_size"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+            if not is_int(getattr(self, f)) or getattr(self, f) < 1:
                 raise ValueError(f"{f} must be an integer >= 1, got {getattr(self, f)!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.layerwise, bool):
+            raise ValueError(f"layerwise must be true or false, got {self.layerwise!r}")
         if self.wandb not in WANDB_MODES:
             raise ValueError(f"wandb must be one of {WANDB_MODES}, got {self.wandb!r}")
-        if self.budget is not None and not 0 < self.budget <= 1:
-            raise ValueError(f"budget must be in (0, 1] (a fraction of FP32 BOPs), got {self.budget}")
-        if not isinstance(self.env, dict):
-            raise ValueError(f"env must be a mapping of EnvConfig fields, got {type(self.env).__name__}")
+        if self.budget is not None and not (is_real(self.budget) and 0 < self.budget <= 1):
+            raise ValueError(f"budget must be a number in (0, 1] (a fraction of FP32 BOPs), got {self.budget!r}")
+        if self.agent == "sac" and self.layerwise:
+            raise ValueError("agent 'sac' (relaxed continuous bits) needs layerwise: false; use ppo, a2c or ppo_jax "
+                             "for the layer-wise env")
+        for f in ("env", "agent_kwargs"):
+            if not isinstance(getattr(self, f), dict):
+                raise ValueError(f"{f} must be a mapping, got {type(getattr(self, f)).__name__}")
         from qpolicy.envs import EnvConfig
 
-        EnvConfig(**{k: v for k, v in self.env.items()})  # validates env fields with named errors
+        fields = {f.name for f in dataclasses.fields(EnvConfig)}
+        unknown = sorted(set(self.env) - fields)
+        if unknown:
+            raise ValueError(f"unknown env fields {unknown}; accepted: {sorted(fields)}")
+        EnvConfig(**self.env)  # validates values with errors naming the field
+        accepted = _agent_kwargs(self.agent)
+        unknown = sorted(set(self.agent_kwargs) - accepted)
+        if unknown:
+            raise ValueError(f"unknown agent_kwargs {unknown} for agent {self.agent!r}; accepted: {sorted(accepted)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _agent_kwargs(agent: str) -> set[str]:
+    """Keyword arguments the agent's constructor accepts (PPOConfig fields for ppo_jax)."""
+    import inspect
+
+    if agent == "ppo_jax":
+        from qpolicy.agents.ppo_jax import PPOConfig
+
+        return {f.name for f in dataclasses.fields(PPOConfig)} - {"num_envs", "total_timesteps", "seed"}
+    sig = inspect.signature(_sb3_class(agent).__init__)
+    return set(sig.parameters) - {"self", "policy", "env", "seed", "device", "verbose"}
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -217,6 +247,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         remaining = max(cfg.total_timesteps - model.num_timesteps, 0)
         if remaining:
             model.learn(remaining, callback=cb, reset_num_timesteps=not resume, progress_bar=False)
+            _save_sb3(model, run_dir / "checkpoints" / f"step_{model.num_timesteps:09d}.zip")
         _save_sb3(model, run_dir / "policy.zip")
     finally:
         bar.close()
@@ -241,7 +272,8 @@ def _train_ppo_jax(cfg: RunConfig, run_dir: Path, *, progress: bool, t0: float) 
         tracker.log({k: float(np.asarray(v)[0, u]) for k, v in res.metrics.items()}, (u + 1) * pcfg.num_envs
                     * pcfg.num_steps)
     tracker.close()
-    return {"run_dir": str(run_dir), "agent": "ppo_jax", "timesteps": cfg.total_timesteps,
+    return {"run_dir": str(run_dir), "agent": "ppo_jax",
+            "timesteps": pcfg.num_updates * pcfg.num_envs * pcfg.num_steps,
             "wall_s": time.time() - t0, "env_steps_per_s": res.env_steps_per_s, "resumed": False}
 
 
@@ -313,9 +345,18 @@ def evaluate_run(run_dir: str | Path, *, baselines: str = "all", budget: float |
     from qpolicy.envs import make_core
     from qpolicy.rollout import reference_bank
 
+    if baselines not in BASELINE_SETS:
+        raise ValueError(f"baselines must be one of {BASELINE_SETS}, got {baselines!r}")
     run_dir = Path(run_dir)
     cfg, act = load_run(run_dir)
+    from qpolicy.envs import EnvConfig
+
+    B = EnvConfig(**cfg.env).images_per_env
     n = n or cfg.eval_bank_size
+    if not is_int(n) or n < B:
+        raise ValueError(f"n (eval-bank images, --n / eval_bank_size) must be an integer >= images_per_env={B}, "
+                         f"got {n!r}")
+    n = n // B * B  # the learned policy runs in groups of images_per_env; every policy sees the same images
     env_kw = {**cfg.env, "bank": "eval", "bank_size": n}
     core = make_core(layerwise=cfg.layerwise, **env_kw)
     params = core.default_params
@@ -340,11 +381,10 @@ def evaluate_run(run_dir: str | Path, *, baselines: str = "all", budget: float |
     learned_samples = np.concatenate(samples)
     mean_w = _snap(np.exp2(np.log2(bw_g).mean(0)), eng.qcfg.bit_choices)
     mean_a = _snap(np.exp2(np.log2(ba_g).mean(0)), eng.qcfg.bit_choices)
-    eval_bank_sub = reference_bank(eng, "eval", n)
     from qpolicy.rollout import evaluate_schedule
 
     records: list[tuple[dict, np.ndarray, np.ndarray, np.ndarray | None]] = [(learned, mean_w, mean_a, learned_samples)]
-    mr = evaluate_schedule(eng, eval_bank_sub, mean_w, mean_a)
+    mr = evaluate_schedule(eng, bank, mean_w, mean_a)
     records.append(({**{k: v for k, v in mr.items() if k != "samples"}, "name": f"learned_{cfg.agent}_mean_schedule",
                      "kind": "learned"}, mean_w, mean_a, mr["samples"]))
     budget = budget if budget is not None else (cfg.budget if cfg.budget is not None else learned["bops_rel_fp32"])

@@ -105,6 +105,9 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
         restored = load_pytree(resume_file, what="training state")
         state = flax.serialization.from_state_dict(state, restored)
     start = int(state["step"])
+    if start >= cfg.steps:  # already trained this far: keep the checkpoint and its record as they are
+        return {"steps": start, "first_loss": None, "last_loss": None, "wall_s": 0.0, "out": str(out),
+                "already_complete": True}
     data = jnp.asarray(ds.images)
 
     def loss_fn(p, x, k):

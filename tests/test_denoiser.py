@@ -337,9 +337,11 @@ def test_train_loss_decreases_and_resume(tmp_path):
     assert den.image_shape == (8, 8, 1) and den.dataset == data
 
     # same target: nothing left to do, nothing logged (a restart would retrain from step 0)
+    meta_before = (out / "meta.json").read_text()
     s_same = train_denoiser(cfg, progress=False)
-    assert s_same["steps"] == 50 and math.isnan(s_same["first_loss"])
+    assert s_same["steps"] == 50 and s_same["already_complete"] and s_same["first_loss"] is None
     assert _metrics(out) == rows1
+    assert (out / "meta.json").read_text() == meta_before  # the training record is kept, not rewritten
 
     # larger target: continue from step 50, appending to the metrics log
     s2 = train_denoiser(dataclasses.replace(cfg, steps=90), progress=False)

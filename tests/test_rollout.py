@@ -261,3 +261,37 @@ def test_precomputed_weight_table_matches_per_call_quantization(tiny):
     a, b = fast.quantize_params(bw), slow.quantize_params(bw)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+class TopLevelRaw(nn.Module):
+    """The top-level module itself owns the weight (registry path "")."""
+
+    @nn.compact
+    def __call__(self, x, t):
+        w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], x.shape[-1]))
+        return jnp.einsum("bhwc,cd->bhwd", x, w)
+
+
+def test_top_level_layer_gets_activation_quantization():
+    m = TopLevelRaw()
+    params = m.init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)), jnp.zeros((1,), jnp.int32))
+    den = wrap_denoiser(m, params, image_shape=(4, 4, 2), schedule=make_schedule("linear", 100), name="top")
+    assert [l.path for l in den.layers] == [""]
+    a32 = make_engine(den, steps=2)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 2))
+    fp_w = jnp.full((1,), 32, jnp.int32)
+    y32 = a32.eps(x, 0, fp_w, fp_w)
+    y2 = a32.eps(x, 0, fp_w, jnp.full((1,), 2, jnp.int32))  # activations only at 2 bits
+    assert not np.allclose(y32, y2)
+
+
+def test_static_ranges_with_fewer_steps_than_buckets_and_symmetric_activations(tiny):
+    from qpolicy.quant import QuantSpec
+
+    qcfg = QuantConfig(act_ranges="static", range_buckets=4, a_spec=QuantSpec(symmetric=True))
+    eng = make_engine(tiny, steps=2, qcfg=qcfg, calib_n=2)
+    assert eng.act_ranges_table.shape[0] == 2  # clamped to one bucket per step
+    t = np.asarray(eng.act_ranges_table)
+    np.testing.assert_allclose(t[..., 0], -t[..., 1])
+    bank = reference_bank(eng, "eval", 2)
+    assert np.isfinite(evaluate_schedule(eng, bank, *uniform_bits(eng, 4, 4))["final_error"])
