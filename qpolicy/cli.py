@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -105,7 +106,7 @@ def cmd_train(a) -> int:
 
     cfg = load_config(a.config, a.set or [])
     if a.wandb:
-        cfg = __import__("dataclasses").replace(cfg, wandb=a.wandb)
+        cfg = dataclasses.replace(cfg, wandb=a.wandb)
     run_dir = Path(a.run_dir or Path("runs") / cfg.name)
     _print_json(train(cfg, run_dir))
     return 0
@@ -157,6 +158,8 @@ def cmd_demo(a) -> int:
 
     out = Path(a.out)
     cfg = load_config(a.config, a.set or [])
+    if a.wandb:
+        cfg = dataclasses.replace(cfg, wandb=a.wandb)
     summary = train(cfg, out)
     res = evaluate_run(out, baselines="all")
     paths = export_run(out, "json", out / "export" / "schedule.json") + \
@@ -271,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "experiments" / "configs"
                                            / "digits16_ppo_jax.yaml"))
     d.add_argument("--set", action="append")
+    d.add_argument("--wandb", default=None, help="offline (default) | online | disabled")
     d.add_argument("--out", default="out/demo")
     d.set_defaults(fn=cmd_demo)
     return p
