@@ -531,8 +531,10 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
             if bar is not None:
                 el = time.perf_counter() - t_run
                 done_steps = len(chunks_metrics) * steps_per_chunk
-                ret = float(np.nanmean(m["episode_return"][:, -1])) if "episode_return" in m else float("nan")
-                bar.set_postfix(steps_s=f"{done_steps / max(el, 1e-9):,.0f}", ret=f"{ret:.4g}")
+                last = {k: float(np.nanmean(m[k][:, -1])) if k in m else float("nan")
+                        for k in ("episode_return", "final_error", "cost")}
+                bar.set_postfix(steps_s=f"{done_steps / max(el, 1e-9):,.0f}", ret=f"{last['episode_return']:.4g}",
+                                err=f"{last['final_error']:.3g}", cost=f"{last['cost']:.4f}")
                 bar.update(chunk)
     finally:
         if bar is not None:
