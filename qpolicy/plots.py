@@ -35,22 +35,25 @@ def pareto(policies: Sequence[dict], path, *, title: str = "cost vs final error"
             best = pts[i][1]
             front.append(pts[i])
     ax.plot(*zip(*front), "-", color="0.7", zorder=0, label="Pareto front")
+    markers = iter(["*", "P", "D", "^", "v", "s", "X", "h", "<", ">", "p", "d"] * 4)
+    colors = iter(plt.cm.tab10.colors * 4)
     for p, (x, y) in zip(policies, pts):
-        learned = p.get("kind") == "learned"
-        ax.scatter(x, y, marker="*" if learned else "o", s=160 if learned else 30,
-                   color="tab:red" if learned else "tab:blue", zorder=2)
-        if learned or not p["name"].startswith("uniform"):
-            ax.annotate(p["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        else:
+        if p.get("kind") != "learned" and p["name"].startswith("uniform"):
+            ax.scatter(x, y, marker="o", s=20, color="0.55", zorder=1)
             ax.annotate(p["name"].replace("uniform_", ""), (x, y), fontsize=6, color="0.4", xytext=(3, -8),
                         textcoords="offset points")
+        else:  # learned and structured baselines: own marker and a legend entry (labels would overlap)
+            learned = p.get("kind") == "learned"
+            ax.scatter(x, y, marker=next(markers), s=170 if learned else 60, zorder=3 if learned else 2,
+                       color="tab:red" if learned and "mean" not in p["name"] else next(colors),
+                       edgecolors="black", linewidths=0.5, label=p["name"])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("BOPs relative to the FP32 sampler")
     ax.set_ylabel("final-sample relative error (eval bank)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     return _save(fig, path)
 
 
