@@ -1,9 +1,9 @@
 """JAX-native PPO (PureJaxRL style): rollouts with the vmapped env core, GAE and the minibatch epochs
 form one jitted update; whole training runs and several seeds (vmapped) compile once.
 
-Works with any gymnax-style core (``reset(key, params) -> (obs, state)``,
-``step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)`` with
-auto-reset, ``obs_size``, ``action_nvec``), e.g. :func:`qpolicy.envs.make_core`::
+Works with any :class:`qpolicy.envs.base.FunctionalEnv` (gymnax style: ``reset``, ``step_env``,
+``action_space(params)``, ``observation_space(params)``; the base derives the auto-resetting, batched
+``reset_batch`` / ``step_batch`` used here), e.g. :func:`qpolicy.envs.make_core`::
 
     core = qpolicy.envs.make_core(model="digits16", num_steps=10, images_per_env=2)
     res = train(core, PPOConfig(num_envs=16, total_timesteps=50_000, num_seeds=2))
@@ -11,9 +11,8 @@ auto-reset, ``obs_size``, ``action_nvec``), e.g. :func:`qpolicy.envs.make_core`:
     a = act(res.seed_params(0), obs, key, True)      # greedy bits (choice indices)
     save_policy("runs/ppo", res.seed_params(0), res.config, core_meta(core))
 
-Actions: ``core.action_nvec`` (a tuple, or a method returning one) gives MultiDiscrete sizes; the policy has
-one categorical head per entry (logits (..., sum(nvec)) split per head). An empty nvec (layer-wise env with
-tied bits) means a single Discrete(C) action: one head, and the env receives a scalar.
+Actions: a ``MultiDiscrete`` action space gets one categorical head per entry (logits (..., sum(nvec)) split per
+head); a ``Discrete(C)`` space (layer-wise env with tied bits) one head, and the env receives a scalar.
 
 Episodes end on ``terminated | truncated`` (the core auto-resets inside ``step``); a truncated episode is
 not bootstrapped (the quantized-diffusion cores never truncate: fixed episode length).
@@ -42,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qpolicy.checks import is_int as _is_int
-from qpolicy.checks import is_real as _is_real
+from qpolicy.config import check, is_int
+from qpolicy.envs.spaces import heads
 from qpolicy.io import atomic_write_json, load_pytree, read_json, save_pytree
 
 __all__ = ["PPOConfig", "ActorCritic", "PPOTrainer", "PPOResult", "make_train", "train", "policy_fn",
@@ -67,14 +66,22 @@ LOSS_METRICS = ("total_loss", "policy_loss", "value_loss", "entropy", "approx_kl
 class PPOConfig:
     """PPO hyper-parameters.
 
-    num_envs: parallel envs (vmapped core). num_steps: rollout length per env per update.
+    num_envs: parallel envs (vmapped core).
+    num_steps: rollout length per env per update.
     total_timesteps: env decisions per seed; num_updates = total_timesteps // (num_envs * num_steps).
-    update_epochs, num_minibatches: passes over each rollout batch and minibatches per pass
-    (num_envs * num_steps must be divisible by num_minibatches). lr: Adam step size, linearly annealed to 0
-    over the run if anneal_lr. gamma: discount; gae_lambda: GAE λ. clip_eps: PPO ratio clip (also the value
-    clip). ent_coef, vf_coef: entropy bonus and value-loss weights. max_grad_norm: global-norm gradient clip.
-    hidden: MLP widths of the actor and critic torsos (separate networks, tanh). seed: base seed; num_seeds:
-    independent seeds trained together (vmapped) from ``jax.random.split(key(seed), num_seeds)``.
+    update_epochs: passes over each rollout batch.
+    num_minibatches: minibatches per pass (must divide num_envs * num_steps).
+    lr: Adam step size.
+    anneal_lr: anneal lr linearly to 0 over the run.
+    gamma: discount.
+    gae_lambda: GAE λ.
+    clip_eps: PPO ratio clip (also the value clip).
+    ent_coef: entropy bonus weight.
+    vf_coef: value-loss weight.
+    max_grad_norm: global-norm gradient clip (inf disables it).
+    hidden: MLP widths of the actor and critic torsos (separate networks, tanh).
+    seed: base seed.
+    num_seeds: independent seeds trained together (vmapped) from jax.random.split(key(seed), num_seeds).
     """
 
     num_envs: int = 16
@@ -95,31 +102,21 @@ class PPOConfig:
     num_seeds: int = 1
 
     def __post_init__(self) -> None:
+        put = lambda name, **rule: object.__setattr__(self, name, check(name, getattr(self, name), **rule))
         for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches", "num_seeds"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-            object.__setattr__(self, name, int(v))
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-        object.__setattr__(self, "seed", int(self.seed))
-        if not isinstance(self.anneal_lr, bool):
-            raise ValueError(f"anneal_lr must be True or False, got {self.anneal_lr!r}")
-        checks = (("lr", lambda v: 0 < v < math.inf, "a finite number > 0"),
-                  ("gamma", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-                  ("gae_lambda", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-                  ("clip_eps", lambda v: 0 < v < math.inf, "a finite number > 0"),
-                  ("ent_coef", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-                  ("vf_coef", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-                  ("max_grad_norm", lambda v: 0 < v <= math.inf, "a number > 0 (inf disables clipping)"))
-        for name, ok, what in checks:
-            v = getattr(self, name)
-            if not _is_real(v) or not ok(float(v)):
-                raise ValueError(f"{name} must be {what}, got {v!r}")
-            object.__setattr__(self, name, float(v))
+            put(name, kind="int", lo=1)
+        put("seed", kind="int", lo=0)
+        put("anneal_lr", kind="bool")
+        for name in ("lr", "clip_eps"):
+            put(name, kind="real", lo=0, lo_open=True)
+        for name in ("gamma", "gae_lambda"):
+            put(name, kind="real", lo=0, hi=1)
+        for name in ("ent_coef", "vf_coef"):
+            put(name, kind="real", lo=0)
+        put("max_grad_norm", kind="real", lo=0, lo_open=True, hi=math.inf)  # inf disables clipping
         hidden = self.hidden
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) or not hidden or \
-                not all(_is_int(h) and h >= 1 for h in hidden):
+                not all(is_int(h) and h >= 1 for h in hidden):
             raise ValueError(f"hidden must be a non-empty sequence of integers >= 1 (e.g. (128, 128)), got {hidden!r}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
         if self.batch_size % self.num_minibatches:
@@ -163,41 +160,35 @@ class PPOConfig:
 
 # ---------------------------------------------------------------------------------------------- action space
 def _action_spec(core: Any) -> tuple[tuple[int, ...], bool]:
-    """(per-head sizes, scalar_action) of a core or of a :func:`core_meta` dict."""
-    if isinstance(core, Mapping):
-        if "action_nvec" not in core:
-            raise ValueError("core metadata lacks 'action_nvec' (build it with qpolicy.agents.ppo_jax.core_meta)")
-        nvec, C = tuple(core["action_nvec"]), core.get("num_choices")
-    else:
-        nvec = core.action_nvec
-        nvec = tuple(nvec() if callable(nvec) else nvec)
-        C = getattr(core, "C", None)
-        if C is None and hasattr(core, "config"):
-            C = getattr(core.config, "num_choices", None)
-    nvec = tuple(int(n) for n in nvec)
+    """(per-head sizes, scalar_action) of an env (from its action space) or of a :func:`core_meta` dict (saved
+    policies: ``action_nvec`` [] means a single Discrete(``num_choices``))."""
+    if not isinstance(core, Mapping):
+        return heads(core.action_space(core.default_params))
+    if "action_nvec" not in core:
+        raise ValueError("core metadata lacks 'action_nvec' (build it with qpolicy.agents.ppo_jax.core_meta)")
+    nvec = tuple(int(n) for n in core["action_nvec"])
     if nvec:
         if any(n < 1 for n in nvec):
             raise ValueError(f"action_nvec entries must be >= 1, got {nvec}")
         return nvec, False
-    if C is None:
-        raise ValueError("empty action_nvec (a single Discrete action) needs the number of choices: the core "
-                         "has no 'C' / config.num_choices and the metadata no 'num_choices'")
-    return (int(C),), True
+    if core.get("num_choices") is None:
+        raise ValueError("empty action_nvec (a single Discrete action) needs 'num_choices' in the metadata")
+    return (int(core["num_choices"]),), True
 
 
 def _obs_size(core: Any) -> int:
-    return int(core["obs_size"] if isinstance(core, Mapping) else core.obs_size)
+    if isinstance(core, Mapping):
+        return int(core["obs_size"])
+    return int(core.observation_space(core.default_params).shape[0])
 
 
 def core_meta(core: Any) -> dict:
-    """JSON-able description of a core for :func:`save_policy`: obs_size, action_nvec, num_choices,
-    episode_length, layerwise, and the env config (non-JSON values as strings) when the core has one."""
-    nvec = core.action_nvec
-    nvec = tuple(nvec() if callable(nvec) else nvec)
-    heads, scalar = _action_spec(core)
-    C = heads[0] if scalar else getattr(core, "C", None)
-    meta: dict[str, Any] = {"obs_size": int(core.obs_size), "action_nvec": [int(n) for n in nvec],
-                            "num_choices": None if C is None else int(C),
+    """JSON-able description of an env for :func:`save_policy`: obs_size, action_nvec ([] for a single Discrete
+    action), num_choices, episode_length, layerwise, and the env config (non-JSON values as strings) when the
+    env has one."""
+    nvec, scalar = _action_spec(core)
+    meta: dict[str, Any] = {"obs_size": _obs_size(core), "action_nvec": [] if scalar else list(nvec),
+                            "num_choices": nvec[0] if scalar or len(set(nvec)) == 1 else None,
                             "episode_length": int(getattr(core, "episode_length", 0)) or None,
                             "layerwise": bool(getattr(core, "layerwise", False))}
     cfg = getattr(core, "config", None)
@@ -329,23 +320,17 @@ class PPOTrainer:
                               optax.adam(learning_rate=self.lr_schedule, eps=1e-5))
 
     # -- env helpers
-    def _env_reset(self, keys, env_params):
-        return jax.vmap(self.core.reset, in_axes=(0, None))(keys, env_params)
-
     def _env_step(self, key, states, actions, env_params):
+        # the env's batched step (the layer-wise core runs the denoiser forward only on decisions that complete a
+        # step: all envs are in lockstep here)
         a = actions[..., 0] if self.scalar_action else actions
-        if hasattr(self.core, "step_batch"):
-            # the qpolicy cores' batched step: same auto-reset semantics, and the layer-wise core runs the
-            # denoiser forward only on decisions that complete a step (all envs are in lockstep here)
-            return self.core.step_batch(key, states, a, env_params)[:6]
-        keys = jax.random.split(key, self.cfg.num_envs)
-        return jax.vmap(self.core.step, in_axes=(0, 0, 0, None))(keys, states, a, env_params)
+        return self.core.step_batch(key, states, a, env_params)[:6]
 
     def init(self, key: jax.Array, env_params: Any = None) -> RunnerState:
         env_params = self.env_params if env_params is None else env_params
         k_net, k_env, rng = jax.random.split(key, 3)
         params = self.network.init(k_net, jnp.zeros((self.obs_size,), jnp.float32))
-        obs, env_state = self._env_reset(jax.random.split(k_env, self.cfg.num_envs), env_params)
+        obs, env_state = self.core.reset_batch(k_env, env_params, self.cfg.num_envs)
         return RunnerState(params=params, opt_state=self.tx.init(params), env_state=env_state,
                            obs=obs.astype(jnp.float32), ep_return=jnp.zeros((self.cfg.num_envs,), jnp.float32),
                            rng=rng, update=jnp.zeros((), jnp.int32))
@@ -490,10 +475,10 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
     env_params defaults to ``core.default_params``."""
     if not isinstance(cfg, PPOConfig):
         raise ValueError(f"cfg must be a PPOConfig, got {type(cfg).__name__}")
-    if not _is_int(num_chunks) or num_chunks < 1:
+    if not is_int(num_chunks) or num_chunks < 1:
         raise ValueError(f"num_chunks must be an integer >= 1, got {num_chunks!r}")
     if env_params is None:
-        env_params = getattr(core, "default_params", None)
+        env_params = core.default_params
     t0 = time.perf_counter()
     trainer = make_train(core, env_params, cfg)
     n_up = trainer.num_updates
@@ -552,8 +537,7 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
 def policy_fn(cfg: PPOConfig, core: Any) -> Callable[..., jax.Array]:
     """``act(params, obs (..., D), key, deterministic=False) -> action`` for one seed's params.
 
-    action: (..., H) int32 choice indices (H = len(action_nvec)), or (...) for a single Discrete action
-    (empty nvec). deterministic (bool or traced bool) takes the argmax of each head. ``core`` may be a core
+    action: (..., H) int32 choice indices (H heads of a MultiDiscrete space), or (...) for a Discrete space. deterministic (bool or traced bool) takes the argmax of each head. ``core`` may be a core
     or a :func:`core_meta` dict. Pure and jittable."""
     nvec, scalar = _action_spec(core)
     net = ActorCritic(nvec=nvec, hidden=cfg.hidden)

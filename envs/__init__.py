@@ -15,11 +15,12 @@ from __future__ import annotations
 import gymnasium as gym
 
 from .config import REWARD_MODES, EnvConfig
-from .core import (EnvParams, EnvState, QuantDiffusionCore, QuantDiffusionLayerwiseCore, cost_table, fd_proxy,
-                   make_core)
+from .core import EnvParams, EnvState, Environment, QuantDiffusionCore, QuantDiffusionLayerwiseCore
 from .gym_env import (QuantDiffusionEnv, QuantDiffusionVectorEnv, make_layerwise_env, make_layerwise_vector_env,
                       spaces_for)
+from .registry import make_core
 from .sb3 import QuantDiffusionSB3VecEnv, make_sb3_vec_env
+from .spaces import Box, Discrete, MultiDiscrete
 
 ENV_ID = "qpolicy/QuantDiffusion-v0"
 LAYERWISE_ENV_ID = "qpolicy/QuantDiffusionLayerwise-v0"
@@ -39,8 +40,8 @@ def _register() -> None:
 _register()
 
 __all__ = [
-    "ENV_ID", "LAYERWISE_ENV_ID", "REWARD_MODES", "EnvConfig", "EnvParams", "EnvState", "QuantDiffusionCore",
+    "ENV_ID", "LAYERWISE_ENV_ID", "REWARD_MODES", "Box", "Discrete", "EnvConfig", "EnvParams", "EnvState",
+    "Environment", "MultiDiscrete", "QuantDiffusionCore",
     "QuantDiffusionLayerwiseCore", "QuantDiffusionEnv", "QuantDiffusionVectorEnv", "QuantDiffusionSB3VecEnv",
     "make_core", "make_sb3_vec_env", "make_layerwise_env", "make_layerwise_vector_env", "spaces_for",
-    "cost_table", "fd_proxy",
 ]

@@ -34,12 +34,15 @@ decision k (C_0 = 0). Δe: e_i − e_{i−1} on a decision that runs step i's fo
   Return = −(α·e_final + λ·max(0, C_total − β)).
 * ``terminal``: r = 0 except on the episode's last decision: r = −(α·e_final + β_fd·fd_proxy + λ·C_total).
 
-fd_proxy(x̂, x) (a cheap distribution distance between the env's final quantized and FP images): per
-image features f = [4x4-average-pool thumbnail (s·s·C values), mean, std]; over the B images, μ and σ
-(per feature, population std); fd_proxy = mean over features of (μ̂ − μ)² + (σ̂ − σ)² (the Fréchet
-distance between diagonal Gaussians, averaged per feature).
+fd_proxy(x̂, x): :func:`qpolicy.metrics.fd_proxy`, a cheap distribution distance between the env's final
+quantized and FP images (diagonal-Gaussian Fréchet distance of thumbnail features).
 
-Observation (float32, flat; see :meth:`obs_spec`; never the FP reference or the error)
+Spaces (gymnax style): ``action_space(params)``, ``observation_space(params)`` (:mod:`qpolicy.envs.spaces`).
+Batched: ``reset_batch`` / ``step_batch`` (the one batched step the adapters, the JAX agents and the
+evaluation use). Caches and shared compilation: :mod:`qpolicy.envs.registry`.
+
+Observation (float32, flat; see :meth:`obs_spec`, built by :mod:`qpolicy.envs.observation`; never the FP
+reference or the error)
 ------------------------------------------------------------------------------------------
 ==================  ============  ===================================================================
 name                size          meaning
@@ -69,20 +72,22 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any
+
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qpolicy.denoiser import Denoiser, load_denoiser
-from qpolicy.rollout import QuantConfig, QuantEngine, make_engine, reference_bank, relative_error
+from qpolicy.bits import to_bits
+from qpolicy.engine import QuantEngine, relative_error
+from qpolicy.metrics import fd_proxy
 
+from .base import FunctionalEnv
 from .config import REWARD_MODES, EnvConfig
+from .observation import bits_feature, image_block, layer_features, obs_names
+from .spaces import Box, Discrete, MultiDiscrete
 
-KINDS = ("dense", "conv", "conv_transpose", "dense_general", "einsum", "custom")
-STAGES = ("down", "mid", "up", "other")
 #: EnvConfig fields that only enter EnvParams (data), never compiled code.
 DATA_FIELDS = ("reward", "alpha", "lam", "budget", "beta_fd", "error_clip", "bank", "bank_size")
 
@@ -133,80 +138,55 @@ class EnvState:
     n_bits: jax.Array
 
 
-_DENOISERS: dict[str, Denoiser] = {}
+class Compiled:
+    """Jitted entry points of one core, shared by every core with the same static config (see
+    :mod:`qpolicy.envs.registry`), plus the trace counts of its pure functions (a trace = a compilation)."""
+
+    def __init__(self, core: "Environment"):
+        self.trace_counts: collections.Counter = collections.Counter()
+        self.reset = jax.jit(core.reset)
+        self.step_env = jax.jit(core.step_env)
+        self.reset_batch = jax.jit(core.reset_batch, static_argnums=2)
+        self.step_batch = jax.jit(core.step_batch)
 
 
-def resolve_model(model: Any) -> Denoiser:
-    if isinstance(model, Denoiser):
-        return model
-    k = str(model)
-    if k not in _DENOISERS:
-        _DENOISERS[k] = load_denoiser(model)
-    return _DENOISERS[k]
+class Environment(FunctionalEnv):
+    """gymnax-style functional core of the quantized-diffusion envs; see the module doc for the contracts.
 
-
-def cost_table(engine: QuantEngine) -> np.ndarray:
-    """(L, C, C) relative cost per layer and (w, a) choice for one forward (BOPs or the latency table)."""
-    cm = engine.cost_model()
-    ch = np.asarray(cm.bit_choices, np.float64)
-    if cm.latency is None:
-        return cm.macs[:, None, None] * ch[None, :, None] * ch[None, None, :] / cm.bops_fp32
-    L = len(cm.macs)
-    return np.asarray(cm.latency) / np.asarray(cm.latency)[np.arange(L), -1, -1].sum()
-
-
-def _image_feats(x: jax.Array, s: int) -> jax.Array:
-    """Per-image features (B, s*s*C + 2): s x s average-pool thumbnail, mean, std."""
-    B, H, W, C = x.shape
-    if H % s == 0 and W % s == 0:
-        th = x.reshape(B, s, H // s, s, W // s, C).mean((2, 4))
-    else:
-        th = jax.image.resize(x, (B, s, s, C), "linear", antialias=True)
-    return jnp.concatenate([th.reshape(B, -1), x.mean((1, 2, 3))[:, None], x.std((1, 2, 3))[:, None]], -1)
-
-
-def fd_proxy(x_hat: jax.Array, x: jax.Array, thumb_size: int = 4) -> jax.Array:
-    """Diagonal-Gaussian Fréchet distance between the feature distributions of two image sets (B, H, W, C)
-    (features: see :func:`_image_feats`), averaged over features."""
-    fa, fb = _image_feats(x_hat, thumb_size), _image_feats(x, thumb_size)
-    return jnp.mean((fa.mean(0) - fb.mean(0)) ** 2 + (fa.std(0) - fb.std(0)) ** 2)
-
-
-class _CoreBase:
-    """Shared machinery. ``engine`` (static), ``config``; see the module doc for the contracts."""
+    ``engine`` (static), ``config``; ``compiled``: the shared :class:`Compiled` functions (``jit_reset``,
+    ``jit_step_env``, ``jit_reset_batch``, ``jit_step_batch``)."""
 
     layerwise: bool = False
     INFO_KEYS = ("error", "error_delta", "step_cost", "cost", "traj_error", "bits_w_mean", "bits_a_mean",
                  "fd_proxy", "step", "layer")
 
-    def __init__(self, config: EnvConfig, engine: QuantEngine | None = None):
+    def __init__(self, config: EnvConfig, engine: QuantEngine, compiled: Compiled | None = None):
         self.config = config
-        den = resolve_model(config.model)
-        if engine is None:
-            qcfg = QuantConfig(act_ranges=config.act_ranges, bit_choices=config.bit_choices)
-            engine = make_engine(den, steps=config.num_steps, sampler=config.sampler, eta=config.eta, qcfg=qcfg)
         self.engine = engine
         self.T, self.L = engine.num_steps, engine.num_layers
         self.C = len(engine.qcfg.bit_choices)
         self.B = config.images_per_env
         self.tied = config.tie_weights_activations
         self._log2_choices = jnp.asarray(np.log2(engine.qcfg.bit_choices) / 5.0, jnp.float32)
-        self._layer_feats = jnp.asarray(self._static_layer_features(), jnp.float32)
+        self._layer_feats = jnp.asarray(layer_features(engine.den.layers), jnp.float32)
         smp = engine.sampler
-        self._t_frac = jnp.asarray(np.asarray(smp.timesteps) / max(den.schedule.num_timesteps - 1, 1), jnp.float32)
+        self._t_frac = jnp.asarray(np.asarray(smp.timesteps) / max(engine.den.schedule.num_timesteps - 1, 1),
+                                   jnp.float32)
         self._sqrt_abar = jnp.sqrt(smp.abar)
-        #: traces of each public pure function (a trace = a (re)compilation when jitted)
-        self.trace_counts: collections.Counter = collections.Counter()
+        self.compiled = compiled if compiled is not None else Compiled(self)
 
     # ------------------------------------------------------------------ params
     def make_params(self, *, bank: str | None = None, bank_size: int | None = None, **weights: float) -> EnvParams:
         """EnvParams from the config; override the bank ("train"/"eval"), its size, or reward weights
         (reward, alpha, lam, budget, beta_fd, error_clip) by keyword."""
+        from qpolicy.banks import reference_bank
+
         cfg = self.config.replace(**{k: v for k, v in dict(bank=bank, bank_size=bank_size, **weights).items()
                                       if v is not None})
         rb = reference_bank(self.engine, cfg.bank, cfg.bank_size)
         f = lambda v: jnp.asarray(v, jnp.float32)
-        return EnvParams(cost_table=f(cost_table(self.engine)), bit_choices=jnp.asarray(cfg.bit_choices, jnp.int32),
+        return EnvParams(cost_table=f(self.engine.cost_model().table()),
+                         bit_choices=jnp.asarray(cfg.bit_choices, jnp.int32),
                          reward_mode=jnp.asarray(REWARD_MODES.index(cfg.reward), jnp.int32),
                          alpha=f(cfg.alpha), lam=f(cfg.lam), budget=f(cfg.budget), beta_fd=f(cfg.beta_fd),
                          error_clip=f(cfg.error_clip), bank_keys=rb.keys, bank_traj=rb.traj)
@@ -220,68 +200,38 @@ class _CoreBase:
     def episode_length(self) -> int:
         return self.T * self.L if self.layerwise else self.T
 
-    def action_nvec(self) -> tuple[int, ...]:
-        """MultiDiscrete sizes of one action (``()`` means a single Discrete(C))."""
+    def action_space(self, params: EnvParams | None = None) -> Discrete | MultiDiscrete:
+        """The space of one decision's action (choice indices into ``bit_choices``)."""
         raise NotImplementedError
+
+    def observation_space(self, params: EnvParams | None = None) -> Box:
+        """Flat float32 observations of :meth:`obs_spec`'s layout."""
+        return Box(-np.inf, np.inf, (self.obs_size,), jnp.float32)
 
     def obs_spec(self) -> list[str]:
         """Names of the observation's entries, in order (see the module doc table)."""
-        H, W, C = self.engine.image_shape
-        s = self.config.thumb_size
-        names = ["step_frac", "t_frac", "t_sin", "t_cos", "sqrt_abar", "x_mean", "x_std", "x_absmax"]
-        names += [f"thumb[{y},{x},{c}]" for y in range(s) for x in range(s) for c in range(C)]
-        groups = ("w",) if self.tied else ("w", "a")
-        if self.layerwise:
-            names += ["layer_frac", *[f"kind[{k}]" for k in KINDS], "log_macs", "log_params",
-                      *[f"stage[{k}]" for k in STAGES]]
-            names += [f"cur_bits_{g}[{l}]" for g in groups for l in range(self.L)]
-        names += [f"prev_bits_{g}[{l}]" for g in groups for l in range(self.L)]
-        names += ["cost"]
-        return names
+        return obs_names(image_channels=self.engine.image_shape[-1], thumb_size=self.config.thumb_size,
+                         num_layers=self.L, tied=self.tied, layerwise=self.layerwise)
 
     @property
     def obs_size(self) -> int:
         return len(self.obs_spec())
 
-    def _static_layer_features(self) -> np.ndarray:
-        layers = self.engine.den.layers
-        L = len(layers)
-
-        def norm_log(v):
-            v = np.log(np.maximum(np.asarray(v, np.float64), 1.0))
-            span = v.max() - v.min()
-            return (v - v.min()) / span if span > 0 else np.full_like(v, 0.5)
-
-        macs, prm = norm_log([l.macs for l in layers]), norm_log([l.params for l in layers])
-        rows = []
-        for l, info in enumerate(layers):
-            kind = np.eye(len(KINDS))[KINDS.index(info.kind) if info.kind in KINDS else KINDS.index("custom")]
-            head = info.path.split("/")[0]
-            stage = next((k for k in STAGES[:3] if head == k or head.startswith(k + "_")), "other")
-            rows.append(np.concatenate([[l / L], kind, [macs[l], prm[l]], np.eye(len(STAGES))[STAGES.index(stage)]]))
-        return np.stack(rows)
-
     # ------------------------------------------------------------------ observation
-    def _bits_feat(self, idx: jax.Array) -> jax.Array:
-        return jnp.where(idx >= 0, self._log2_choices[jnp.clip(idx, 0, self.C - 1)], 0.0)
-
     def get_obs(self, state: EnvState, params: EnvParams) -> jax.Array:
         """The flat float32 observation of ``state`` (layout: :meth:`obs_spec`)."""
         j = jnp.minimum(state.i, self.T - 1)
         tf = self._t_frac[j]
-        x = state.x
         time = jnp.stack([state.i / self.T, tf, jnp.sin(jnp.pi * tf), jnp.cos(jnp.pi * tf), self._sqrt_abar[j]])
-        feats = _image_feats(x, self.config.thumb_size)
-        stats = jnp.stack([x.mean((1, 2, 3)).mean(), x.std((1, 2, 3)).mean(), jnp.abs(x).max((1, 2, 3)).mean()])
-        parts = [time, stats, feats[:, :-2].mean(0)]
+        parts = [time, image_block(state.x, self.config.thumb_size)]
         if self.layerwise:
             parts.append(self._layer_feats[jnp.minimum(state.layer, self.L - 1)])
-            parts.append(self._bits_feat(state.cur_w))
+            parts.append(bits_feature(state.cur_w, self._log2_choices))
             if not self.tied:
-                parts.append(self._bits_feat(state.cur_a))
-        parts.append(self._bits_feat(state.prev_w))
+                parts.append(bits_feature(state.cur_a, self._log2_choices))
+        parts.append(bits_feature(state.prev_w, self._log2_choices))
         if not self.tied:
-            parts.append(self._bits_feat(state.prev_a))
+            parts.append(bits_feature(state.prev_a, self._log2_choices))
         parts.append(state.cost[None])
         return jnp.concatenate([p.astype(jnp.float32).reshape(-1) for p in parts])
 
@@ -291,6 +241,10 @@ class _CoreBase:
         self.trace_counts["reset"] += 1
         N = params.bank_keys.shape[0]
         idx = jax.random.choice(key, N, (self.B,), replace=False).astype(jnp.int32)
+        return self.reset_to(idx, params)
+
+    def reset_to(self, idx: jax.Array, params: EnvParams) -> tuple[jax.Array, EnvState]:
+        """Start an episode on the bank images ``idx`` (B,) (evaluation rolls fixed groups this way)."""
         neg = jnp.full((self.L,), -1, jnp.int32)
         z = jnp.zeros((), jnp.float32)
         state = EnvState(x=params.bank_traj[0, idx], idx=idx, i=jnp.zeros((), jnp.int32),
@@ -301,7 +255,7 @@ class _CoreBase:
     # ------------------------------------------------------------------ step pieces
     def _forward(self, state: EnvState, iw: jax.Array, ia: jax.Array, params: EnvParams):
         """Quantized sampler step i with (L,) choice indices; returns (x_next, e_i, x_ref_next)."""
-        bw, ba = params.bit_choices[iw], params.bit_choices[ia]
+        bw, ba = to_bits(iw, params.bit_choices), to_bits(ia, params.bit_choices)
         keys = params.bank_keys[state.idx]
         x = self.engine.step(state.x, state.i, keys, bw, ba)
         ref = params.bank_traj[state.i + 1, state.idx]
@@ -324,7 +278,14 @@ class _CoreBase:
         n = a.shape[0] // 2
         return a[:n], a[n:]
 
-    def _finish(self, state: EnvState, new: EnvState, c, e_prev, forward: bool, last, fd, ref_x, params):
+    def _accumulate(self, state: EnvState, iw: jax.Array, ia: jax.Array, c: jax.Array, params: EnvParams
+                    ) -> dict[str, jax.Array]:
+        """Running cost and bit sums after choosing indices iw, ia (any shape) at cost c."""
+        return dict(cost=state.cost + c, n_bits=state.n_bits + iw.size,
+                    bits_w_sum=state.bits_w_sum + to_bits(iw, params.bit_choices).sum().astype(jnp.float32),
+                    bits_a_sum=state.bits_a_sum + to_bits(ia, params.bit_choices).sum().astype(jnp.float32))
+
+    def _finish(self, state: EnvState, new: EnvState, c, e_prev, last, fd, params):
         reward = self._reward(e_prev, new.error, state.cost, new.cost, c, last, fd, params)
         steps_done = jnp.maximum(new.i, 1)
         info = {"error": new.error, "error_delta": new.error - e_prev, "step_cost": c, "cost": new.cost,
@@ -348,24 +309,7 @@ class _CoreBase:
         self.trace_counts["step_env"] += 1
         return self._transition(state, action, params, None)
 
-    def step(self, key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams):
-        """gymnax-style step with auto-reset: on the last decision the returned obs/state are those of a fresh
-        episode drawn with ``key``; reward, flags and info belong to the finished decision."""
-        self.trace_counts["step"] += 1
-        return self._autoreset(key, *self._transition(state, action, params, None), params)[:6]
-
-    def _autoreset(self, key, obs, state, reward, term, trunc, info, params):
-        done = jnp.logical_or(term, trunc)
-        obs_re, state_re = self.reset(key, params)
-        sel = lambda a, b: jnp.where(done, a, b)
-        return (sel(obs_re, obs), jax.tree_util.tree_map(sel, state_re, state), reward, term, trunc, info, obs)
-
-    # ------------------------------------------------------------------ batched (adapters)
-    def reset_batch(self, key: jax.Array, params: EnvParams, num_envs: int):
-        """reset for ``num_envs`` envs with keys split from ``key`` -> (obs (n, D), states)."""
-        self.trace_counts["reset_batch"] += 1
-        return jax.vmap(self.reset, in_axes=(0, None))(jax.random.split(key, num_envs), params)
-
+    # ------------------------------------------------------------------ batched (adapters, agents, evaluation)
     def step_batch(self, key: jax.Array, states: EnvState, actions: jax.Array, params: EnvParams):
         """Step n envs (states/actions batched on axis 0) with SAME_STEP auto-reset.
 
@@ -374,43 +318,47 @@ class _CoreBase:
         elsewhere). For the layer-wise env all envs of a batch must be in lockstep (same step and layer),
         which the adapters guarantee (fixed episode length, all envs reset together); the forward then runs
         only on decisions that complete a step."""
+        if not self.layerwise:
+            return super().step_batch(key, states, actions, params)
         self.trace_counts["step_batch"] += 1
-        n = actions.shape[0]
-        keys = jax.random.split(key, n)
+        keys = jax.random.split(key, actions.shape[0])
 
         def one(forward):
             def f(k, s, a):
-                return self._autoreset(k, *self._transition(s, a, params, forward), params)
+                return self.autoreset(k, *self._transition(s, a, params, forward), params)
             return jax.vmap(f)
 
-        if not self.layerwise:
-            return one(True)(keys, states, actions)
         return jax.lax.cond(states.layer[0] == self.L - 1, one(True), one(False), keys, states, actions)
 
-    @functools.cached_property
+    @property
+    def trace_counts(self) -> collections.Counter:  # type: ignore[override]
+        """Traces of each public pure function, shared with the cores that share :attr:`compiled`."""
+        return self.compiled.trace_counts
+
+    @property
     def jit_reset(self):
-        return jax.jit(self.reset)
+        return self.compiled.reset
 
-    @functools.cached_property
+    @property
     def jit_step_env(self):
-        return jax.jit(self.step_env)
+        return self.compiled.step_env
 
-    @functools.cached_property
+    @property
     def jit_reset_batch(self):
-        return jax.jit(self.reset_batch, static_argnums=2)
+        return self.compiled.reset_batch
 
-    @functools.cached_property
+    @property
     def jit_step_batch(self):
-        return jax.jit(self.step_batch)
+        return self.compiled.step_batch
 
 
-class QuantDiffusionCore(_CoreBase):
+class QuantDiffusionCore(Environment):
     """Per-step decisions (``qpolicy/QuantDiffusion-v0``): action = (L,) tied or (2L,) [w | a] choice indices."""
 
     layerwise = False
 
-    def action_nvec(self) -> tuple[int, ...]:
-        return (self.C,) * (self.L if self.tied else 2 * self.L)
+    def action_space(self, params: EnvParams | None = None) -> MultiDiscrete:
+        return MultiDiscrete((self.C,) * (self.L if self.tied else 2 * self.L))
 
     def _transition(self, state, action, params, forward):
         iw, ia = self._split(action)
@@ -418,23 +366,19 @@ class QuantDiffusionCore(_CoreBase):
         c = jnp.sum(params.cost_table[jnp.arange(self.L), iw, ia]) / self.T
         i = state.i + 1
         new = state.replace(x=x, i=i, prev_w=iw, prev_a=ia, error=e, error_sum=state.error_sum + e,
-                            cost=state.cost + c,
-                            bits_w_sum=state.bits_w_sum + params.bit_choices[iw].sum().astype(jnp.float32),
-                            bits_a_sum=state.bits_a_sum + params.bit_choices[ia].sum().astype(jnp.float32),
-                            n_bits=state.n_bits + self.L)
+                            **self._accumulate(state, iw, ia, c, params))
         last = i >= self.T
-        return self._finish(state, new, c, state.error, True, last, fd_proxy(x, ref, self.config.thumb_size),
-                            ref, params)
+        return self._finish(state, new, c, state.error, last, fd_proxy(x, ref, self.config.thumb_size), params)
 
 
-class QuantDiffusionLayerwiseCore(_CoreBase):
+class QuantDiffusionLayerwiseCore(Environment):
     """Layer-wise decisions (``qpolicy/QuantDiffusionLayerwise-v0``): action = a choice index (tied) or
     (2,) [w, a]; the forward of step i runs on the decision for layer L-1."""
 
     layerwise = True
 
-    def action_nvec(self) -> tuple[int, ...]:
-        return () if self.tied else (self.C, self.C)
+    def action_space(self, params: EnvParams | None = None) -> Discrete | MultiDiscrete:
+        return Discrete(self.C) if self.tied else MultiDiscrete((self.C, self.C))
 
     def _transition(self, state, action, params, forward):
         if forward is None:  # unbatched: branch on the traced layer counter (a select under vmap)
@@ -446,9 +390,7 @@ class QuantDiffusionLayerwiseCore(_CoreBase):
         l = state.layer
         cur_w, cur_a = state.cur_w.at[l].set(iw), state.cur_a.at[l].set(ia)
         c = params.cost_table[l, iw, ia] / self.T
-        common = dict(cost=state.cost + c, n_bits=state.n_bits + 1,
-                      bits_w_sum=state.bits_w_sum + params.bit_choices[iw].astype(jnp.float32),
-                      bits_a_sum=state.bits_a_sum + params.bit_choices[ia].astype(jnp.float32))
+        common = self._accumulate(state, iw, ia, c, params)
         if forward:
             x, e, ref = self._forward(state, cur_w, cur_a, params)
             neg = jnp.full((self.L,), -1, jnp.int32)
@@ -460,43 +402,4 @@ class QuantDiffusionLayerwiseCore(_CoreBase):
             new = state.replace(layer=l + 1, cur_w=cur_w, cur_a=cur_a, **common)
             last = jnp.zeros((), bool)
         fd = fd_proxy(new.x, ref, self.config.thumb_size)
-        return self._finish(state, new, c, state.error, forward, last, fd, ref, params)
-
-
-_CORES: dict[tuple, _CoreBase] = {}
-_STATIC_CORES: dict[tuple, _CoreBase] = {}
-_ENGINES: dict[EnvConfig, QuantEngine] = {}
-_JITS = ("jit_reset", "jit_step_env", "jit_reset_batch", "jit_step_batch")
-
-
-def static_config(cfg: EnvConfig) -> EnvConfig:
-    """``cfg`` with its data fields (reward mode and weights, bank) at their defaults: cores that agree on
-    it share their engine and compiled functions (the data travels in :class:`EnvParams`)."""
-    return cfg.replace(**{**{f: getattr(EnvConfig, f) for f in DATA_FIELDS}, "bank_size": cfg.images_per_env})
-
-
-def make_core(*, layerwise: bool = False, config: EnvConfig | None = None, **kwargs: Any) -> _CoreBase:
-    """Build (or reuse) a core for :class:`EnvConfig` fields ``kwargs`` (or ``config``, updated by kwargs).
-
-    Cores are cached per config; cores whose configs differ only in data fields (``DATA_FIELDS``: reward,
-    alpha, lam, budget, beta_fd, error_clip, bank, bank_size) share one engine, one set of compiled
-    functions and one ``trace_counts``, so a lam sweep or switching to the eval bank never recompiles."""
-    cfg = config if config is not None else EnvConfig(**kwargs)
-    if config is not None and kwargs:
-        cfg = config.replace(**kwargs)
-    k = (bool(layerwise), cfg)
-    if k in _CORES:
-        return _CORES[k]
-    cls = QuantDiffusionLayerwiseCore if layerwise else QuantDiffusionCore
-    sk = (bool(layerwise), static_config(cfg))
-    base = _STATIC_CORES.get(sk)
-    core = cls(cfg, engine=_ENGINES.get(sk[1]))
-    _ENGINES.setdefault(sk[1], core.engine)  # per-step and layer-wise cores share the engine
-    if base is None:
-        _STATIC_CORES[sk] = core
-    else:
-        core.trace_counts = base.trace_counts
-        for name in _JITS:
-            core.__dict__[name] = getattr(base, name)
-    _CORES[k] = core
-    return core
+        return self._finish(state, new, c, state.error, last, fd, params)

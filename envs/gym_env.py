@@ -11,22 +11,21 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 from gymnasium.vector.vector_env import AutoresetMode
 
-from .core import EnvParams, _CoreBase, make_core
+from .core import EnvParams, Environment
+from .registry import make_core
+from .spaces import to_gymnasium
 
 
-def spaces_for(core: _CoreBase) -> tuple[spaces.Box, spaces.Space]:
-    """(observation space, action space) of one env."""
-    obs = spaces.Box(-np.inf, np.inf, (core.obs_size,), np.float32)
-    nvec = core.action_nvec()
-    act = spaces.Discrete(core.C) if nvec == () else spaces.MultiDiscrete(np.asarray(nvec, np.int64))
-    return obs, act
+def spaces_for(core: Environment) -> tuple[spaces.Box, spaces.Space]:
+    """(observation space, action space) of one env, as Gymnasium spaces."""
+    params = core.default_params
+    return to_gymnasium(core.observation_space(params)), to_gymnasium(core.action_space(params))
 
 
-def check_actions(core: _CoreBase, actions: Any, batch: int | None) -> np.ndarray:
+def check_actions(core: Environment, actions: Any, batch: int | None) -> np.ndarray:
     """Host-side validation of (batched) actions; returns an int32 array of the core's action shape."""
     a = np.asarray(actions)
-    nvec = core.action_nvec()
-    shape = tuple(nvec and (len(nvec),))
+    shape = core.action_space().shape
     want = shape if batch is None else (batch, *shape)
     if a.shape != want:
         if batch is not None and not shape and a.shape == (batch, 1):

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 
-from .core import EnvParams, make_core
+from .core import EnvParams
 from .gym_env import check_actions, spaces_for
+from .registry import make_core
 
 
 class QuantDiffusionSB3VecEnv(VecEnv):

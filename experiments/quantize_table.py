@@ -9,7 +9,7 @@ import jax
 
 from qpolicy import evaluate_schedule, load_denoiser, make_engine, reference_bank
 from qpolicy.io import atomic_write_json
-from qpolicy.rollout import uniform_bits
+from qpolicy.engine import uniform_bits
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="digits16")

@@ -10,8 +10,10 @@ from .cost import CostModel
 from .denoiser import Denoiser, available_models, generate, load_denoiser, wrap_denoiser
 from .diffusion import make_sampler, make_schedule
 from .layers import LayerInfo
-from .quant import ACT_DEFAULT, DEFAULT_BIT_CHOICES, WEIGHT_DEFAULT, QuantSpec, fake_quant
-from .rollout import QuantConfig, QuantEngine, evaluate_schedule, make_engine, reference_bank
+from .bits import DEFAULT_BIT_CHOICES
+from .quant import ACT_DEFAULT, WEIGHT_DEFAULT, QuantSpec, fake_quant
+from .banks import reference_bank
+from .engine import QuantConfig, QuantEngine, evaluate_schedule, make_engine, uniform_bits
 
 
 def layers(denoiser: Denoiser) -> tuple[LayerInfo, ...]:
@@ -24,5 +26,5 @@ def layers(denoiser: Denoiser) -> tuple[LayerInfo, ...]:
 __all__ = [
     "ACT_DEFAULT", "DEFAULT_BIT_CHOICES", "WEIGHT_DEFAULT", "CostModel", "Denoiser", "LayerInfo", "QuantConfig",
     "QuantEngine", "QuantSpec", "available_models", "evaluate_schedule", "fake_quant", "generate", "layers",
-    "load_denoiser", "make_engine", "make_sampler", "make_schedule", "reference_bank", "wrap_denoiser",
+    "load_denoiser", "make_engine", "make_sampler", "make_schedule", "reference_bank", "uniform_bits", "wrap_denoiser",
 ]

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .config import add_config_args, config_kwargs
+
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
@@ -19,10 +21,7 @@ def _print_json(obj) -> None:
 def cmd_denoiser_train(a) -> int:
     from .train import TrainConfig, train_denoiser
 
-    cfg = TrainConfig(data=a.data, preset=a.preset, steps=a.steps, out=a.out, batch_size=a.batch_size, lr=a.lr,
-                      ema_decay=a.ema, schedule=a.schedule, seed=a.seed, ckpt_every=a.ckpt_every,
-                      log_every=a.log_every, wandb=a.wandb, weights_dtype=a.weights_dtype, name=a.name,
-                      time_limit_s=a.time_limit, init_from=a.init_from)
+    cfg = TrainConfig(**{"wandb": os.environ.get("WANDB_MODE", "offline"), **config_kwargs(a, TrainConfig)})
     summary = train_denoiser(cfg)
     _print_json(summary)
     return 0
@@ -70,7 +69,8 @@ def cmd_layers(a) -> int:
 
 def cmd_quantize(a) -> int:
     from .denoiser import load_denoiser
-    from .rollout import QuantConfig, evaluate_schedule, make_engine, reference_bank, uniform_bits
+    from .banks import reference_bank
+    from .engine import QuantConfig, evaluate_schedule, make_engine, uniform_bits
 
     den = load_denoiser(a.model)
     qcfg = QuantConfig(act_ranges=a.act_ranges)
@@ -102,18 +102,16 @@ def cmd_quantize(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from .runs import load_config, train
+    from .runs import RunConfig, load_config, train
 
-    cfg = load_config(a.config, a.set or [])
-    if a.wandb:
-        cfg = dataclasses.replace(cfg, wandb=a.wandb)
+    cfg = dataclasses.replace(load_config(a.config, a.set or []), **config_kwargs(a, RunConfig))
     run_dir = Path(a.run_dir or Path("runs") / cfg.name)
     _print_json(train(cfg, run_dir))
     return 0
 
 
 def cmd_evaluate(a) -> int:
-    from .runs import evaluate_run
+    from .evaluation import evaluate_run
 
     res = evaluate_run(a.run, baselines=a.baselines, budget=a.budget, n=a.n, progress=not a.json,
                        with_fd=not a.no_fd)
@@ -140,7 +138,9 @@ def cmd_export(a) -> int:
 def cmd_calibrate(a) -> int:
     from .denoiser import load_denoiser
     from .io import save_npy
-    from .rollout import QuantConfig, calibrate, make_sampler, model_calib_path
+    from .diffusion import make_sampler
+    from .engine import QuantConfig
+    from .ptq import calibrate, model_calib_path
 
     den = load_denoiser(a.model)
     qcfg = QuantConfig(act_ranges="static", range_buckets=a.buckets)
@@ -154,12 +154,11 @@ def cmd_calibrate(a) -> int:
 
 def cmd_demo(a) -> int:
     """Main job: train a PPO precision policy on digits16, evaluate it against every baseline, export it."""
-    from .runs import evaluate_run, export_run, load_config, train
+    from .evaluation import evaluate_run
+    from .runs import RunConfig, export_run, load_config, train
 
     out = Path(a.out)
-    cfg = load_config(a.config, a.set or [])
-    if a.wandb:
-        cfg = dataclasses.replace(cfg, wandb=a.wandb)
+    cfg = dataclasses.replace(load_config(a.config, a.set or []), **config_kwargs(a, RunConfig))
     summary = train(cfg, out)
     res = evaluate_run(out, baselines="all")
     paths = export_run(out, "json", out / "export" / "schedule.json") + \
@@ -178,29 +177,27 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def run_args(parser: argparse.ArgumentParser) -> None:
+    """RunConfig's scalar fields as flags (override the YAML config; env.* and agent_kwargs.* go through --set)."""
+    from .runs import RunConfig
+
+    add_config_args(parser, RunConfig, exclude=("env", "agent_kwargs"))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .export import FORMATS
+
     p = argparse.ArgumentParser(prog="qpolicy", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     den = sub.add_parser("denoiser", help="train, sample and evaluate denoisers").add_subparsers(dest="sub",
                                                                                                  required=True)
     t = den.add_parser("train", help="train a U-Net denoiser (resumes if OUT holds a training state)")
-    t.add_argument("--data", required=True, help="digits | faces | patches | npz:PATH | cifar10:DIR")
-    t.add_argument("--preset", default="small", help="U-Net size preset (tiny, small, medium)")
-    t.add_argument("--steps", type=int, required=True)
-    t.add_argument("--out", required=True, help="checkpoint folder")
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--ema", type=float, default=0.999)
-    t.add_argument("--schedule", default="linear", help="linear | cosine")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--ckpt-every", type=int, default=5000)
-    t.add_argument("--log-every", type=int, default=100)
-    t.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "offline"), help="offline | online | disabled")
-    t.add_argument("--weights-dtype", default="float32", help="float32 | float16 (stored weights)")
-    t.add_argument("--name", default=None)
-    t.add_argument("--time-limit", type=float, default=None, help="stop and save after this many seconds")
-    t.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fine-tune)")
+    from .train import TrainConfig
+
+    add_config_args(t, TrainConfig, required=("data", "preset", "steps", "out"),
+                    flags={"ema_decay": "--ema", "time_limit_s": "--time-limit"},
+                    defaults={"wandb": os.environ.get("WANDB_MODE", "offline")})
     t.set_defaults(fn=cmd_denoiser_train)
 
     def sampling_args(q, n_default):
@@ -243,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="YAML run config (experiments/configs/*.yaml)")
     tr.add_argument("--set", action="append", help="override a field: key=value (dotted, e.g. env.lam=2)")
     tr.add_argument("--run-dir", default=None, help="run directory (default runs/<name>)")
-    tr.add_argument("--wandb", default=None, help="offline (default) | online | disabled")
+    run_args(tr)
     tr.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate a run's policy against the non-RL baselines")
@@ -258,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a run's bit schedule")
     ex.add_argument("--run", required=True)
-    ex.add_argument("--format", default="json", help="json | csv | vidit_yaml | modelopt | onnxruntime | qwix")
+    ex.add_argument("--format", default="json", choices=FORMATS, help="output format")
     ex.add_argument("--out", required=True)
     ex.set_defaults(fn=cmd_export)
 
@@ -273,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: train a policy on digits16, evaluate vs baselines, export")
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "experiments" / "configs"
                                            / "digits16_ppo_jax.yaml"))
-    d.add_argument("--set", action="append")
-    d.add_argument("--wandb", default=None, help="offline (default) | online | disabled")
+    d.add_argument("--set", action="append", help="override a field: key=value (dotted, e.g. env.lam=2)")
+    run_args(d)
     d.add_argument("--out", default="out/demo")
     d.set_defaults(fn=cmd_demo)
     return p

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .bits import DEFAULT_BIT_CHOICES, check_choices, to_index
 from .layers import LayerInfo
-from .quant import DEFAULT_BIT_CHOICES
 
 
 def _xp(a):
@@ -23,11 +23,14 @@ def _xp(a):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CostModel:
-    """Per-layer constants of one denoiser.
+    """Per-layer constants of one denoiser; the single source of every cost the project reports or optimises.
 
-    macs: (L,) MACs per image per forward; params: (L,) weight counts.
+    macs: (L,) MACs per image per forward.
+    params: (L,) weight counts.
+    bit_choices: the choice set the (L, C, C) :meth:`table` is laid out on.
     latency: optional (L, C, C) measured seconds per image for (choice of b_w, choice of b_a), indexed by
-    positions in ``bit_choices``; when given, :meth:`step_cost` uses it instead of BOPs (HAQ-style)."""
+        positions in ``bit_choices``; when given, :meth:`table` and :meth:`step_cost` use it instead of BOPs
+        (HAQ-style)."""
 
     macs: np.ndarray
     params: np.ndarray
@@ -35,6 +38,7 @@ class CostModel:
     latency: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "bit_choices", check_choices(self.bit_choices))
         L = len(self.macs)
         if len(self.params) != L:
             raise ValueError(f"params has {len(self.params)} entries, macs has {L}")
@@ -57,26 +61,37 @@ class CostModel:
     @property
     def bops_fp32(self) -> float:
         """BOPs of one FP32 forward per image."""
-        return float(self.macs.sum() * 32 * 32)
+        return float(self.layer_bops(32, 32).sum())
+
+    def layer_bops(self, bits_w, bits_a):
+        """The cost formula, BOPs_l = MACs_l * b_w * b_a, per layer (..., L) for bits broadcastable to (..., L)."""
+        xp = _xp(bits_w)
+        return xp.asarray(self.macs, xp.float32 if xp is jnp else np.float64) * bits_w * bits_a
 
     def bops(self, bits_w, bits_a):
         """BOPs per image of one forward for each row of bits (..., L) -> (...)."""
-        xp = _xp(bits_w)
-        return (xp.asarray(self.macs, xp.float32 if xp is jnp else np.float64)
-                * bits_w * bits_a).sum(-1)
+        return self.layer_bops(bits_w, bits_a).sum(-1)
+
+    def table(self) -> np.ndarray:
+        """(L, C, C) float64 relative cost of one forward of layer l at (choice i for W, choice j for A): BOPs_l /
+        BOPs_FP32 of the whole model, or the latency table over the FP32 model's latency. The reward, the budgets,
+        the baselines and :meth:`step_cost` all read this table; a (T, L) schedule costs the mean over steps of
+        its row sums (= ``summary()["bops_rel_fp32"]`` in BOPs mode)."""
+        if self.latency is not None:
+            L = len(self.macs)
+            return np.asarray(self.latency) / np.asarray(self.latency)[np.arange(L), -1, -1].sum()
+        ch = np.asarray(self.bit_choices, np.float64)
+        return np.moveaxis(self.layer_bops(ch[:, None, None], ch[None, :, None]), -1, 0) / self.bops_fp32
 
     def step_cost(self, bits_w, bits_a):
-        """Relative cost c in (0, 1] of one forward: BOPs / BOPs_FP32, or latency / latency_FP32."""
+        """Relative cost c in (0, 1] of one forward: BOPs / BOPs_FP32, or latency / latency_FP32 (bits (..., L),
+        in the choice set when a latency table is used)."""
         if self.latency is None:
             return self.bops(bits_w, bits_a) / self.bops_fp32
         xp = _xp(bits_w)
-        choices = xp.asarray(self.bit_choices)
-        iw, ia = xp.searchsorted(choices, bits_w), xp.searchsorted(choices, bits_a)
-        lat = xp.asarray(self.latency)
-        L = lat.shape[0]
-        per_layer = lat[xp.arange(L), iw, ia]
-        fp = self.latency[np.arange(L), -1, -1].sum()
-        return per_layer.sum(-1) / fp
+        iw, ia = to_index(bits_w, self.bit_choices), to_index(bits_a, self.bit_choices)
+        tab = xp.asarray(self.table())
+        return tab[xp.arange(tab.shape[0]), iw, ia].sum(-1)
 
     def summary(self, bits_w, bits_a) -> dict[str, float]:
         """Cost summary of a schedule bits_w, bits_a: (T, L) (or (L,) for one step).
@@ -94,7 +109,7 @@ class CostModel:
         w = self.macs / self.macs.sum()
         out = {
             "bops_rel_fp32": float(bops / (T * self.bops_fp32)),
-            "bops_rel_w8a8": float(bops / (T * self.macs.sum() * 64)),
+            "bops_rel_w8a8": float(bops / (T * self.bops(8, 8))),
             "gbops_per_image": float(bops / 1e9),
             "mean_bits_w": float(bw.mean()),
             "mean_bits_a": float(ba.mean()),

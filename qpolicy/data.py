@@ -139,7 +139,7 @@ def _take(ds: Dataset, idx: np.ndarray, name: str | None = None) -> Dataset:
 
 # --------------------------------------------------------------------------- built-ins
 @functools.lru_cache(maxsize=None)
-def _digits(split: str) -> Dataset:
+def digits_dataset(split: str) -> Dataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -186,7 +186,7 @@ def _faces(split: str) -> Dataset:
 
 
 @functools.lru_cache(maxsize=None)
-def _patch_photos() -> tuple[np.ndarray, ...]:
+def patch_photos() -> tuple[np.ndarray, ...]:
     """The source photos, float32 in [-1, 1], shorter side PATCH_SHORT_SIDE."""
     import skimage.data
     from skimage.transform import resize
@@ -228,7 +228,7 @@ def _balanced_counts(total: int, k: int) -> list[int]:
 
 @functools.lru_cache(maxsize=None)
 def _patches_split(split: str) -> Dataset:
-    photos = _patch_photos()
+    photos = patch_photos()
     k = len(photos)
     n_total = PATCH_N_TRAIN if split == "train" else PATCH_N_TEST
     rng = np.random.default_rng({"train": 1000, "test": 2000}[split])
@@ -453,7 +453,7 @@ def load_dataset(name: str, split: str = "train") -> Dataset:
     source = f"dataset {name!r}"
     _check_split(split, source)
     if name == "digits":
-        return _digits(split)
+        return digits_dataset(split)
     if name == "faces":
         return _faces(split)
     if name == "patches":

@@ -8,6 +8,7 @@ for resumption. Shipped checkpoints live in ``qpolicy/assets/models/<name>/``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -184,3 +185,9 @@ def generate(den: Denoiser, n: int, *, steps: int = 20, sampler: str = "ddim", e
             kb = jnp.concatenate([kb, keys[: batch_size - kb.shape[0]]])
         out.append(np.asarray(run(den.params, kb))[: min(batch_size, n - s)])
     return np.concatenate(out)[:n]
+
+
+def weights_hash(den: Denoiser) -> str:
+    """A short hash of the denoiser's weights (first 4 kB of each leaf): keys caches by checkpoint."""
+    h = hashlib.sha256(b"".join(np.asarray(l).tobytes()[:4096] for l in jax.tree_util.tree_leaves(den.params)))
+    return h.hexdigest()[:8]

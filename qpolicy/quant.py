@@ -90,6 +90,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .bits import DEFAULT_BIT_CHOICES, PASSTHROUGH_BITS, check_bits
+
 __all__ = [
     "QuantSpec",
     "WEIGHT_DEFAULT",
@@ -101,6 +103,7 @@ __all__ = [
     "BITS_MIN_ASYMMETRIC",
     "SCALE_EPS",
     "GRANULARITIES",
+    "ACT_RANGE_MODES",
     "qrange",
     "effective_bits",
     "compute_scale",
@@ -113,8 +116,8 @@ __all__ = [
 ]
 
 GRANULARITIES = ("tensor", "channel", "group")
-DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8, 16, 32)
-PASSTHROUGH_BITS = 32
+#: Activation ranges: "dynamic" (min/max of each call) or "static" (calibrated per layer and step bucket).
+ACT_RANGE_MODES = ("dynamic", "static")
 BITS_MAX_INT = 24
 BITS_MIN_SYMMETRIC = 2
 BITS_MIN_ASYMMETRIC = 1
@@ -239,20 +242,11 @@ def qrange(bits, symmetric: bool) -> tuple[jax.Array, jax.Array]:
 
 
 def validate_bits(bits, choices: Sequence[int] = DEFAULT_BIT_CHOICES):
-    """Raise ``ValueError`` if a concrete ``bits`` value is not in ``choices``.
-
-    A no-op (returns ``bits``) for traced values.
+    """Raise ``ValueError`` if a concrete ``bits`` value is not in ``choices`` (the rule of
+    :func:`qpolicy.bits.check_bits`). A no-op (returns ``bits``) for traced values.
     """
-    if _is_traced(bits):
-        return bits
-    b = np.asarray(bits)
-    choices = tuple(int(c) for c in choices)
-    bad = sorted({v for v in np.ravel(b).tolist() if v not in choices})
-    if bad:
-        shown = bad[0] if len(bad) == 1 else bad
-        raise ValueError(
-            f"bits {shown} not in the accepted choice set {choices}"
-        )
+    if not _is_traced(bits):
+        check_bits(bits, choices, field="bits")
     return bits
 
 

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 
 from .io import atomic_write_json, read_json
-from .quant import ACT_DEFAULT, DEFAULT_BIT_CHOICES, WEIGHT_DEFAULT, QuantSpec
+from .bits import DEFAULT_BIT_CHOICES, check_bits, check_choices
+from .quant import ACT_DEFAULT, ACT_RANGE_MODES, WEIGHT_DEFAULT, QuantSpec
 
 SCHEMA_VERSION = 1
 FORMAT = "qpolicy-bit-schedule"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "bit_schedule.schema.json"
-ACT_RANGES = ("dynamic", "static")
 SAMPLER_ORDERS = ("descending", "ascending")
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 _REQUIRED_KEYS = ("format", "schema_version", "model_id", "layer_hash", "layer_names", "sampler", "quantizer",
@@ -97,16 +97,6 @@ def _as_bits(value: Any, field: str) -> np.ndarray:
     return a
 
 
-def _check_choices(a: np.ndarray, field: str, choices: tuple[int, ...], names: Sequence[str]) -> None:
-    bad = np.argwhere(~np.isin(a, np.asarray(choices)))
-    if len(bad):
-        i, l = (int(x) for x in bad[0])
-        name = f" ({names[l]})" if l < len(names) else ""
-        more = f"; {len(bad) - 1} more value(s) outside the set" if len(bad) > 1 else ""
-        raise ScheduleError(f"{field}[{i}, {l}] = {int(a[i, l])} at (step {i}, layer {l}{name}) is not in "
-                            f"bit_choices {choices}{more}")
-
-
 def spec_dict(spec: QuantSpec) -> dict:
     """A QuantSpec as a plain dict plus ``family`` ("uniform" or "log2")."""
     d = {"family": "log2" if spec.log2 else "uniform"}
@@ -117,8 +107,8 @@ def spec_dict(spec: QuantSpec) -> dict:
 def quantizer_dict(weights: QuantSpec = WEIGHT_DEFAULT, activations: QuantSpec = ACT_DEFAULT,
                    act_ranges: str = "dynamic") -> dict:
     """The ``quantizer`` field: ``{"weights": {...}, "activations": {...}, "act_ranges": ...}``."""
-    if act_ranges not in ACT_RANGES:
-        raise ScheduleError(f"quantizer act_ranges must be one of {ACT_RANGES}, got {act_ranges!r}")
+    if act_ranges not in ACT_RANGE_MODES:
+        raise ScheduleError(f"quantizer act_ranges must be one of {ACT_RANGE_MODES}, got {act_ranges!r}")
     return {"weights": spec_dict(weights), "activations": spec_dict(activations), "act_ranges": act_ranges}
 
 
@@ -271,16 +261,10 @@ class BitSchedule:
         if kinds and (len(kinds) != L or not all(isinstance(k, str) for k in kinds)):
             raise ScheduleError(f"layer_kinds must be empty or {L} strings (one per layer), got {len(kinds)}")
         put("layer_kinds", kinds)
-        if isinstance(self.bit_choices, (str, bytes)) or not all(_is_int(b) for b in self.bit_choices) \
-                or not len(self.bit_choices):
-            raise ScheduleError(f"bit_choices must be a non-empty list of integers such as {DEFAULT_BIT_CHOICES}, "
-                                f"got {self.bit_choices!r}")
-        choices = tuple(int(b) for b in self.bit_choices)
-        if len(set(choices)) != len(choices) or min(choices) < 1:
-            raise ScheduleError(f"bit_choices must be distinct positive integers, got {choices}")
+        choices = check_choices(self.bit_choices, error=ScheduleError)
         put("bit_choices", choices)
-        _check_choices(bw, "bits_w", choices, names)
-        _check_choices(ba, "bits_a", choices, names)
+        check_bits(bw, choices, field="bits_w", names=names, error=ScheduleError)
+        check_bits(ba, choices, field="bits_a", names=names, error=ScheduleError)
         put("sampler", _check_sampler(self.sampler, T))
         put("quantizer", _check_quantizer(self.quantizer))
         for field in ("summary", "provenance"):
@@ -535,8 +519,8 @@ def read_bits_file(path: str | os.PathLike, *, T: int | None = None, L: int | No
     if bit_choices is not None:
         choices = tuple(int(b) for b in bit_choices)
         try:
-            _check_choices(bw, "bits_w", choices, names)
-            _check_choices(ba, "bits_a", choices, names)
+            check_bits(bw, choices, field="bits_w", names=names, error=ScheduleError)
+            check_bits(ba, choices, field="bits_a", names=names, error=ScheduleError)
         except ScheduleError as e:
             raise ScheduleError(f"{src}: {e}") from None
     return bw, ba

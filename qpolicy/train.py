@@ -19,13 +19,36 @@ from .denoiser import save_checkpoint
 from .diffusion import SCHEDULES, eps_loss, make_schedule
 from .io import atomic_write_bytes, load_pytree
 from .models import PRESETS, UNet, preset_config
+from .config import check
 from .tracking import WANDB_MODES, Tracker
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Denoiser training run. ``data``: dataset name (digits, faces, patches, npz:PATH, cifar10:DIR);
-    ``preset``: U-Net size preset; ``steps``: optimizer steps; ``out``: checkpoint folder."""
+    """Denoiser training run (``qpolicy denoiser train``; every field is a flag).
+
+    data: dataset: digits | faces | patches | npz:PATH | cifar10:DIR.
+    preset: U-Net size preset (tiny, small, medium).
+    steps: optimizer steps.
+    out: checkpoint folder (resumes if it holds a training state).
+    batch_size: images per optimizer step.
+    lr: AdamW peak learning rate.
+    warmup: linear learning-rate warm-up steps.
+    weight_decay: AdamW weight decay.
+    grad_clip: global-norm gradient clip.
+    ema_decay: decay of the EMA weights (the ones saved for sampling).
+    schedule: noise schedule: linear | cosine.
+    num_timesteps: diffusion timesteps of the schedule.
+    dropout: ResBlock dropout (none = the preset's).
+    seed: random seed.
+    ckpt_every: optimizer steps between checkpoints.
+    log_every: optimizer steps between metric rows.
+    wandb: offline | online | disabled.
+    weights_dtype: stored weights: float32 | float16.
+    name: model name recorded in the checkpoint (default: the folder name).
+    time_limit_s: stop early (and save) once this much wall time has passed.
+    init_from: checkpoint folder whose weights start params and EMA (fine-tune; fresh optimizer).
+    """
 
     data: str
     preset: str
@@ -46,26 +69,27 @@ class TrainConfig:
     wandb: str = "offline"
     weights_dtype: str = "float32"
     name: str | None = None
-    time_limit_s: float | None = None  # stop early (and save) once this much wall time has passed
-    init_from: str | None = None  # checkpoint folder whose weights start params and EMA (fresh optimizer)
+    time_limit_s: float | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        put = lambda name, **rule: object.__setattr__(self, name, check(name, getattr(self, name), **rule))
+        put("preset", kind="choice", choices=tuple(sorted(PRESETS)))
         for f in ("steps", "batch_size", "ckpt_every", "log_every", "num_timesteps"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+            put(f, kind="int", lo=1)
+        put("warmup", kind="int", lo=0)
+        put("seed", kind="int", lo=0)
+        put("schedule", kind="choice", choices=SCHEDULES)
+        put("ema_decay", kind="real", lo=0, hi=1, hi_open=True)
         for f in ("lr", "grad_clip"):  # lr <= 0 would ascend or freeze; clip <= 0 zeroes every update
-            if not getattr(self, f) > 0:
-                raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
-        if self.wandb not in WANDB_MODES:
-            raise ValueError(f"wandb must be one of {WANDB_MODES}, got {self.wandb!r}")
-        if self.weights_dtype not in ("float32", "float16"):
-            raise ValueError(f"weights_dtype must be 'float32' or 'float16', got {self.weights_dtype!r}")
+            put(f, kind="real", lo=0, lo_open=True)
+        put("weight_decay", kind="real", lo=0)
+        put("dropout", kind="real", lo=0, hi=1, hi_open=True, optional=True)
+        put("time_limit_s", kind="real", lo=0, lo_open=True, optional=True)
+        put("wandb", kind="choice", choices=WANDB_MODES)
+        put("weights_dtype", kind="choice", choices=("float32", "float16"))
+        put("data", kind="str")
+        put("out", kind="str")
 
 
 def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from qpolicy.agents import baselines as B
+from qpolicy.agents import sensitivity
 from qpolicy.cost import CostModel
-from qpolicy.rollout import QuantConfig
+from qpolicy.engine import QuantConfig
 
 BUDGET = 0.03
 
@@ -21,7 +22,8 @@ def tiny():
     from qpolicy.denoiser import wrap_denoiser
     from qpolicy.diffusion import make_schedule
     from qpolicy.models import init_unet, preset_config
-    from qpolicy.rollout import make_engine, reference_bank
+    from qpolicy.banks import reference_bank
+    from qpolicy.engine import make_engine
 
     cfg = preset_config("tiny", image_size=8, in_channels=1)
     module, params = init_unet(cfg, jax.random.key(0))
@@ -107,7 +109,7 @@ def test_greedy_fallback_respects_budget(monkeypatch):
     bl = B.sensitivity_mixed_precision(eng, sens, 0.03, solver="greedy")
     assert bl.name == "sensitivity_greedy"
     assert B.schedule_cost(eng, bl.bits_w, bl.bits_a) <= 0.03
-    monkeypatch.setattr(B, "_solve_milp", lambda *a, **k: None)  # milp unavailable / failed
+    monkeypatch.setattr(sensitivity, "_solve_milp", lambda *a, **k: None)  # milp unavailable / failed
     bl = B.sensitivity_mixed_precision(eng, sens, 0.03)
     assert bl.info["solver"] == "greedy" and B.schedule_cost(eng, bl.bits_w, bl.bits_a) <= 0.03
 

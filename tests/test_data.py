@@ -59,10 +59,10 @@ def test_digits_and_faces_splits_disjoint():
 
 
 def test_patches_region_rule_and_no_shared_crop():
-    from qpolicy.data import _patch_photos, patch_column_split
+    from qpolicy.data import patch_photos, patch_column_split
 
     tr, te = load_dataset("patches", "train"), load_dataset("patches", "test")
-    photos = _patch_photos()
+    photos = patch_photos()
     rng = np.random.default_rng(0)
     # every sampled crop is found in its source photo inside the right region
     for ds, is_train in ((tr, True), (te, False)):
@@ -96,11 +96,11 @@ def test_deterministic_and_cached_readonly():
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.labels, b.labels)
         assert not a.images.flags.writeable
-    from qpolicy.data import _digits
+    from qpolicy.data import digits_dataset
 
-    _digits.cache_clear()
+    digits_dataset.cache_clear()
     c = load_dataset("digits", "train")
-    _digits.cache_clear()
+    digits_dataset.cache_clear()
     d = load_dataset("digits", "train")
     assert c is not d
     np.testing.assert_array_equal(c.images, d.images)

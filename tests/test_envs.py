@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import qpolicy.envs as E
-from qpolicy.rollout import relative_error
+from qpolicy.engine import relative_error
+from qpolicy.metrics import fd_proxy
 
 T = 3
 
@@ -36,7 +37,7 @@ def _run_episode(core, params, key, rng, n_decisions):
     obs, state = core.jit_reset(key, params)
     rewards, actions, infos = [], [], []
     for _ in range(n_decisions):
-        shape = (len(core.action_nvec()),) if core.action_nvec() else ()
+        shape = core.action_space().shape
         a = rng.integers(0, core.C, size=shape or None).astype(np.int32)
         obs, state, r, term, trunc, info = core.jit_step_env(key, state, jnp.asarray(a), params)
         rewards.append(float(r)), actions.append(a), infos.append(info)
@@ -145,7 +146,7 @@ def test_reward_telescopes(layerwise, kw):
     r_term = totals["terminal"][0]
     assert np.all(r_term[:-1] == 0)
     fd = float(totals["terminal"][3][-1]["fd_proxy"])
-    np.testing.assert_allclose(fd, float(E.fd_proxy(x0, ref[-1])), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(fd, float(fd_proxy(x0, ref[-1])), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(r_term[-1], -(alpha * e[-1] + beta_fd * fd + lam * total_cost), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(totals["budget"][0].sum(), -(alpha * e[-1] + lam * max(0.0, total_cost - budget)),
                                rtol=1e-4, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Tests for qpolicy.metrics: FD/KID/PRDC against known cases, feature-net persistence."""
+"""Tests for qpolicy.metrics and qpolicy.features: FD/KID/PRDC against known cases, feature-net persistence."""
 from __future__ import annotations
 
 import json
@@ -6,16 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from qpolicy.metrics import (
-    FeatureExtractor,
-    FeatureNet,
-    default_config,
-    fd_real_split,
-    frechet_distance,
-    kid,
-    load_feature_extractor,
-    precision_recall_coverage,
-)
+from qpolicy.features import FeatureExtractor, FeatureNet, default_config, feature_module, load_feature_extractor
+from qpolicy.metrics import fd_real_split, frechet_distance, kid, precision_recall_coverage
 
 
 # --------------------------------------------------------------------------- Fréchet distance
@@ -125,9 +117,7 @@ def _tiny_extractor():
 
     cfg = default_config(3)
     cfg.update(channels=[4, 8], strides=[1, 2], feature_dim=6, groups=2)
-    from qpolicy.metrics import _module
-
-    params = jax.jit(_module(cfg).init)(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32))
+    params = jax.jit(feature_module(cfg).init)(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32))
     return FeatureExtractor(config=cfg, params=params, dataset_name="tiny", image_shape=(8, 8, 1), test_accuracy=0.5)
 
 

@@ -11,26 +11,31 @@ import pytest
 
 from qpolicy.agents.ppo_jax import (PPOConfig, ActorCritic, core_meta, load_policy, make_train, policy_fn,
                                     save_policy, train)
+from qpolicy.envs.base import FunctionalEnv
+from qpolicy.envs.spaces import Box, Discrete, MultiDiscrete
 
 TARGET = (2, 0, 3)
 
 
-class BanditCore:
+class BanditCore(FunctionalEnv):
     """One-decision episodes, constant observation; MultiDiscrete (4, 4, 4) action,
-    reward = -Σ_j |a_j - target_j| (optimum: a = target, reward 0). gymnax-style API with auto-reset."""
+    reward = -Σ_j |a_j - target_j| (optimum: a = target, reward 0). gymnax-style API (auto-reset from the base)."""
 
     obs_size = 4
-    action_nvec = (4, 4, 4)
     episode_length = 1
-    default_params = None
+
+    def action_space(self, params=None):
+        return MultiDiscrete((4, 4, 4))
+
+    def observation_space(self, params=None):
+        return Box(-1.0, 1.0, (self.obs_size,))
 
     def reset(self, key, params):
         return jnp.zeros((self.obs_size,), jnp.float32), jnp.zeros((), jnp.int32)
 
-    def step(self, key, state, action, params):
+    def step_env(self, key, state, action, params):
         reward = -jnp.abs(action - jnp.asarray(TARGET)).sum().astype(jnp.float32)
-        obs, state = self.reset(key, params)
-        return obs, state, reward, jnp.ones((), bool), jnp.zeros((), bool), {}
+        return jnp.zeros((self.obs_size,), jnp.float32), state, reward, jnp.ones((), bool), jnp.zeros((), bool), {}
 
 
 BANDIT_CFG = PPOConfig(num_envs=16, num_steps=4, total_timesteps=16 * 4 * 40, lr=3e-3, ent_coef=0.0,
@@ -78,7 +83,7 @@ def test_tiny_diffusion_end_to_end(tiny_denoiser):
     assert res.env_steps_per_s > 0 and res.wall_s > 0
     act = jax.jit(policy_fn(cfg, core), static_argnums=3)
     a = act(res.seed_params(1), jnp.zeros((5, core.obs_size)), jax.random.key(0), True)
-    assert a.shape == (5, len(core.action_nvec())) and a.dtype == jnp.int32
+    assert a.shape == (5, core.action_space().shape[0]) and a.dtype == jnp.int32
     assert int(a.min()) >= 0 and int(a.max()) < core.C
 
 
@@ -115,11 +120,12 @@ def test_load_errors(tmp_path, bandit_result):
 
 
 def test_discrete_core_gets_scalar_actions():
-    class OneChoice:
-        obs_size, C = 3, 5
+    class OneChoice(FunctionalEnv):
+        def action_space(self, params=None):
+            return Discrete(5)
 
-        def action_nvec(self):
-            return ()
+        def observation_space(self, params=None):
+            return Box(-1.0, 1.0, (3,))
 
     net_out = policy_fn(PPOConfig(hidden=(8,)), OneChoice())
     params = ActorCritic(nvec=(5,), hidden=(8,)).init(jax.random.key(0), jnp.zeros(3))

@@ -6,7 +6,8 @@ import pytest
 
 from qpolicy.cli import main
 from qpolicy.denoiser import save_checkpoint
-from qpolicy.runs import RunConfig, evaluate_run, export_run, load_config, train
+from qpolicy.evaluation import evaluate_run
+from qpolicy.runs import RunConfig, export_run, load_config, train
 from qpolicy.schedule import BitSchedule
 
 

@@ -1,4 +1,4 @@
-"""Quantized sampling: the denoiser with traced per-layer bits, FP reference banks, trajectory errors.
+"""The quantized sampler: a denoiser with traced per-layer bits, run step by step or over a schedule.
 
 Shapes: S sampler steps, L quantizable layers, B images, image (H, W, C).
 ``bits_w`` / ``bits_a`` are int32 arrays, (L,) for one step or (S, L) for a schedule; they are
@@ -7,14 +7,12 @@ traced data, so one compiled function serves every schedule. 32 means float pass
 Errors follow DESIGN: e_i = ||x_hat_i - x_i||^2 / ||x_i||^2 per image after step i (x_i the FP
 trajectory from the same initial noise and the same sampler noise); ``final_error`` is e at the
 last step (the sample x_0); ``traj_error`` is the mean of e over steps.
+Reference banks live in :mod:`qpolicy.banks`, calibration in :mod:`qpolicy.ptq`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import os
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -22,30 +20,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .banks import ReferenceBank
+from .bits import DEFAULT_BIT_CHOICES, check_bits, check_choices, to_index
 from .cost import CostModel
 from .denoiser import Denoiser
-from .diffusion import Sampler, image_keys, image_noise, make_sampler, sampler_step
-from .io import save_npy
+from .diffusion import Sampler, image_noise, make_sampler, sampler_step
 from .layers import activation_interceptor, map_layer_weights
-from .quant import ACT_DEFAULT, DEFAULT_BIT_CHOICES, WEIGHT_DEFAULT, QuantSpec, fake_quant, range_from
-
-ACT_RANGE_MODES = ("dynamic", "static")
-BANKS = ("train", "eval", "calib")
-#: Noise-bank seeds: the train, eval and calibration banks are disjoint streams of image keys.
-BANK_SEEDS = {"train": 1000, "eval": 2000, "calib": 3000}
+from .ptq import static_act_ranges
+from .quant import ACT_DEFAULT, ACT_RANGE_MODES, WEIGHT_DEFAULT, QuantSpec, fake_quant
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
     """How layers are quantized (static, compile-time): quantizer families, activation-range mode, choices.
 
-    w_spec / a_spec: weight / activation quantizer (defaults: symmetric per-output-channel weights,
-    asymmetric per-tensor activations). act_ranges: "dynamic" (min/max of each image's tensor at each
-    call: per-sample, so results do not depend on batching) or "static"
-    (calibrated per (layer, step bucket) from FP trajectories). range_buckets: step buckets for static.
-    bit_choices: accepted bitwidths. precompute_weights: quantize each layer's weights once per choice
-    and gather at run time (bits must be choices) instead of per call (the default, which keeps the STE
-    gradient and measured faster on the H100: benchmarks/results/*precomputed_weights.json)."""
+    w_spec: weight quantizer (default: symmetric, per output channel).
+    a_spec: activation quantizer (default: asymmetric, per tensor).
+    act_ranges: "dynamic" (min/max of each image's tensor at each call: per sample, so results do not depend
+        on batching) or "static" (calibrated per (layer, step bucket) from FP trajectories).
+    range_buckets: step buckets of the static ranges.
+    bit_choices: accepted bitwidths (the rule of :func:`qpolicy.bits.check_choices`).
+    precompute_weights: quantize each layer's weights once per choice and gather at run time (bits must be
+        choices) instead of per call (the default, which keeps the STE gradient and measured faster on the
+        H100: benchmarks/results/*precomputed_weights.json)."""
 
     w_spec: QuantSpec = WEIGHT_DEFAULT
     a_spec: QuantSpec = ACT_DEFAULT
@@ -59,30 +56,12 @@ class QuantConfig:
             raise ValueError(f"act_ranges must be one of {ACT_RANGE_MODES}, got {self.act_ranges!r}")
         if self.range_buckets < 1:
             raise ValueError(f"range_buckets must be >= 1, got {self.range_buckets}")
-        choices = tuple(int(b) for b in self.bit_choices)
-        if not choices or list(choices) != sorted(set(choices)) or choices[0] < 2 or choices[-1] > 32:
-            raise ValueError(f"bit_choices must be strictly increasing integers in [2, 32], got {self.bit_choices}")
-        object.__setattr__(self, "bit_choices", choices)
+        object.__setattr__(self, "bit_choices", check_choices(self.bit_choices))
 
     def to_dict(self) -> dict[str, Any]:
         return {"weights": dataclasses.asdict(self.w_spec), "activations": dataclasses.asdict(self.a_spec),
                 "act_ranges": self.act_ranges, "range_buckets": self.range_buckets,
                 "bit_choices": list(self.bit_choices)}
-
-
-def check_bits(bits: Any, choices: tuple[int, ...], *, field: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Validate host bits: integer, in the choice set, optionally of a given shape. Returns int32 array."""
-    a = np.asarray(bits)
-    if shape is not None and a.shape != tuple(shape):
-        raise ValueError(f"{field} must have shape {tuple(shape)} (steps x layers), got {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        if not np.all(np.equal(np.mod(a, 1), 0)):
-            raise ValueError(f"{field} must hold integers, got dtype {a.dtype}")
-    bad = ~np.isin(a, choices)
-    if bad.any():
-        pos = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{field}{list(pos)} = {a[pos]} is not an accepted bitwidth; accepted: {choices}")
-    return a.astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -102,7 +81,7 @@ class QuantEngine:
         if self.qcfg.act_ranges == "static":
             L = len(self.den.layers)
             if self.act_ranges_table is None:
-                raise ValueError("act_ranges='static' needs a calibrated table: use qpolicy.rollout.make_engine(...)")
+                raise ValueError("act_ranges='static' needs a calibrated table: use qpolicy.engine.make_engine(...)")
             if tuple(self.act_ranges_table.shape) != (self.qcfg.range_buckets, L, 2):
                 raise ValueError(f"act_ranges_table must be (range_buckets, L, 2) = {(self.qcfg.range_buckets, L, 2)}, "
                                  f"got {tuple(self.act_ranges_table.shape)}")
@@ -143,7 +122,7 @@ class QuantEngine:
         if not self.qcfg.precompute_weights:
             return map_layer_weights(self.den.params, self.den.layers,
                                      lambda l, w: fake_quant(w, bits_w[l], self.qcfg.w_spec))
-        idx = jnp.searchsorted(jnp.asarray(self.qcfg.bit_choices, jnp.int32), bits_w)
+        idx = to_index(bits_w, self.qcfg.bit_choices)
         return map_layer_weights(self.weight_table, self.den.layers, lambda l, stack: stack[idx[l]])
 
     def eps(self, x: jax.Array, i: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
@@ -204,64 +183,6 @@ def relative_error(x_hat: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.sum((x_hat - x) ** 2, axes) / jnp.maximum(jnp.sum(x**2, axes), 1e-12)
 
 
-def calibrate(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, *, n: int = 32, seed: int = BANK_SEEDS["calib"]
-              ) -> jax.Array:
-    """Static activation ranges (range_buckets, L, 2): min/max of each layer's input over FP trajectories
-    of ``n`` calibration images, pooled within each step bucket ((-absmax, absmax) for a symmetric
-    activation spec). Static ranges are per tensor whatever the spec's granularity."""
-    L = len(den.layers)
-    keys = image_keys(seed, n)
-
-    def ranges_at(x, i):
-        rec: dict[int, tuple] = {}
-
-        def fn(l, a):  # per-tensor range of this call; symmetric specs keep (-absmax, absmax)
-            lo, hi = range_from(a, ACT_DEFAULT)
-            if qcfg.a_spec.symmetric:
-                m = jnp.maximum(-jnp.min(lo), jnp.max(hi))
-                rec[l] = (-m, m)
-            else:
-                rec[l] = (jnp.min(lo), jnp.max(hi))
-            return a
-
-        t = jnp.full((x.shape[0],), sampler.timesteps[i], jnp.int32)
-        with nn.intercept_methods(activation_interceptor(den.layers, fn)):
-            eps = den(x, t)
-        r = jnp.stack([jnp.stack(rec[l]) for l in range(L)])
-        return sampler_step(sampler, x, eps, i, keys), r
-
-    @jax.jit
-    def run():
-        _, r = jax.lax.scan(ranges_at, image_noise(keys, 0, den.image_shape), jnp.arange(sampler.num_steps))
-        return r  # (S, L, 2)
-
-    r = run()
-    b = (np.arange(sampler.num_steps) * qcfg.range_buckets) // sampler.num_steps
-    table = [jnp.stack([r[b == k, :, 0].min(0), r[b == k, :, 1].max(0)], -1) for k in range(qcfg.range_buckets)]
-    return jnp.stack(table)
-
-
-def weights_hash(den: Denoiser) -> str:
-    """A short hash of the denoiser's weights (first 4 kB of each leaf): keys caches by checkpoint."""
-    h = hashlib.sha256(b"".join(np.asarray(l).tobytes()[:4096] for l in jax.tree_util.tree_leaves(den.params)))
-    return h.hexdigest()[:8]
-
-
-def calib_tag(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, n: int) -> str:
-    """File stem of a calibration table: layer hash, sampler (kind, steps, eta), buckets, images, and the
-    activation spec's symmetry."""
-    sym = "sym" if qcfg.a_spec.symmetric else "asym"
-    eta = f"_eta{sampler.eta:g}" if sampler.kind == "ddim" and sampler.eta else ""
-    return f"{den.layer_hash}_{sampler.kind}{sampler.num_steps}{eta}_b{qcfg.range_buckets}_n{n}_{sym}"
-
-
-def model_calib_path(den: Denoiser, sampler: Sampler, qcfg: QuantConfig, n: int) -> Path | None:
-    """Where a calibration table stored with the model lives: <checkpoint>/calib/<tag>.npy (None for
-    wrapped models that have no checkpoint folder)."""
-    d = den.metadata.get("checkpoint_dir")
-    return Path(d) / "calib" / f"{calib_tag(den, sampler, qcfg, n)}.npy" if d else None
-
-
 def make_engine(den: Denoiser, *, steps: int = 10, sampler: str = "ddim", eta: float = 0.0,
                 qcfg: QuantConfig | None = None, calib_n: int = 32) -> QuantEngine:
     """Build a :class:`QuantEngine`. Static activation ranges come from the table stored with the model
@@ -271,71 +192,10 @@ def make_engine(den: Denoiser, *, steps: int = 10, sampler: str = "ddim", eta: f
     if qcfg.range_buckets > steps:  # a bucket per step at most: empty buckets have no range
         qcfg = dataclasses.replace(qcfg, range_buckets=steps)
     smp = make_sampler(den.schedule, sampler, steps, eta=eta)
-    table = None
-    if qcfg.act_ranges == "static":
-        stored = model_calib_path(den, smp, qcfg, calib_n)
-        cached = cache_dir() / "calib" / f"{den.name}_{weights_hash(den)}_{calib_tag(den, smp, qcfg, calib_n)}.npy"
-        path = next((p for p in (stored, cached) if p is not None and p.exists()), None)
-        if path is not None:
-            table = jnp.asarray(np.load(path))
-        else:
-            table = calibrate(den, smp, qcfg, n=calib_n)
-            save_npy(cached, table)
+    table = static_act_ranges(den, smp, qcfg, calib_n) if qcfg.act_ranges == "static" else None
     return QuantEngine(den=den, sampler=smp, qcfg=qcfg, act_ranges_table=table)
 
 
-# ------------------------------------------------------------------------------------- reference banks
-def cache_dir() -> Path:
-    """On-disk cache root: $QPOLICY_CACHE, else ~/.cache/qpolicy."""
-    return Path(os.environ.get("QPOLICY_CACHE", Path.home() / ".cache" / "qpolicy"))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ReferenceBank:
-    """FP reference trajectories of a bank of image keys.
-
-    keys: (N,) image keys; traj: (S+1, N, H, W, C) float32, traj[0] = x_T, traj[-1] = the FP sample."""
-
-    name: str
-    keys: jax.Array
-    traj: jax.Array
-
-    @property
-    def size(self) -> int:
-        return int(self.keys.shape[0])
-
-
-_BANKS: dict[str, ReferenceBank] = {}
-
-
-def reference_bank(engine: QuantEngine, bank: str = "train", size: int = 64, *, batch_size: int = 256,
-                   disk_cache: bool = True) -> ReferenceBank:
-    """FP trajectories for ``size`` images of the ``bank`` noise stream, computed once and cached in
-    memory and on disk (keyed by model layer hash + weights, sampler, bank and size)."""
-    if bank not in BANKS:
-        raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
-    if size < 1:
-        raise ValueError(f"bank size must be >= 1, got {size}")
-    key = (f"{engine.den.name}_{engine.den.layer_hash}_{weights_hash(engine.den)}_{engine.sampler.kind}{engine.num_steps}"
-           f"_eta{engine.sampler.eta:g}_{bank}{size}")
-    if key in _BANKS:
-        return _BANKS[key]
-    keys = image_keys(BANK_SEEDS[bank], size)
-    path = cache_dir() / "refs" / f"{key}.npy"
-    if disk_cache and path.exists():
-        traj = jnp.asarray(np.load(path))
-    else:
-        run = jax.jit(engine.fp_trajectory)
-        parts = [run(keys[s:s + batch_size]) for s in range(0, size, batch_size)]
-        traj = jnp.concatenate(parts, axis=1)
-        if disk_cache:
-            save_npy(path, traj)
-    rb = ReferenceBank(name=key, keys=keys, traj=traj)
-    _BANKS[key] = rb
-    return rb
-
-
-# ------------------------------------------------------------------------------------- evaluation
 def schedule_errors(engine: QuantEngine, keys: jax.Array, ref_traj: jax.Array, bits_w: jax.Array,
                     bits_a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-step errors (S, B) of the quantized run vs ``ref_traj`` (S+1, B, ...) and the final samples."""

@@ -8,7 +8,8 @@ import pytest
 from qpolicy import CostModel, QuantConfig, make_engine, reference_bank, wrap_denoiser
 from qpolicy.diffusion import make_schedule
 from qpolicy.layers import total_macs
-from qpolicy.rollout import check_bits, evaluate_schedule, relative_error, schedule_errors, uniform_bits
+from qpolicy.bits import check_bits
+from qpolicy.engine import evaluate_schedule, relative_error, schedule_errors, uniform_bits
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +205,10 @@ def test_static_ranges_calibrated_and_used(tiny):
 
 
 def test_reference_bank_disk_cache_and_disjoint_banks(tiny_engine):
-    from qpolicy import rollout
+    from qpolicy import banks
 
     a = reference_bank(tiny_engine, "train", 4)
-    rollout._BANKS.clear()
+    banks.clear_memory_cache()
     b = reference_bank(tiny_engine, "train", 4)  # from disk this time
     np.testing.assert_array_equal(a.traj, b.traj)
     e = reference_bank(tiny_engine, "eval", 4)

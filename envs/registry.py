@@ -1,0 +1,61 @@
+"""Caches behind :func:`make_core`: loaded denoisers, engines, cores, and compiled functions shared by cores whose
+configs differ only in data (reward weights, bank), so a λ sweep or a switch to the eval bank never recompiles."""
+from __future__ import annotations
+
+from typing import Any
+
+from qpolicy.denoiser import Denoiser, load_denoiser
+from qpolicy.engine import QuantConfig, QuantEngine, make_engine
+
+from .config import EnvConfig
+from .core import DATA_FIELDS, Compiled, Environment, QuantDiffusionCore, QuantDiffusionLayerwiseCore
+
+_DENOISERS: dict[str, Denoiser] = {}
+_ENGINES: dict[EnvConfig, QuantEngine] = {}
+_COMPILED: dict[tuple[bool, EnvConfig], Compiled] = {}
+_CORES: dict[tuple[bool, EnvConfig], Environment] = {}
+
+
+def resolve_model(model: Any) -> Denoiser:
+    """A Denoiser from a Denoiser, a shipped model name or a checkpoint folder (loaded once per name)."""
+    if isinstance(model, Denoiser):
+        return model
+    k = str(model)
+    if k not in _DENOISERS:
+        _DENOISERS[k] = load_denoiser(model)
+    return _DENOISERS[k]
+
+
+def static_config(cfg: EnvConfig) -> EnvConfig:
+    """``cfg`` with its data fields (reward mode and weights, bank) at their defaults: cores that agree on
+    it share their engine and compiled functions (the data travels in :class:`~qpolicy.envs.core.EnvParams`)."""
+    return cfg.replace(**{**{f: getattr(EnvConfig, f) for f in DATA_FIELDS}, "bank_size": cfg.images_per_env})
+
+
+def engine_for(cfg: EnvConfig) -> QuantEngine:
+    """The quantized sampler of an env config (one per static config, shared by per-step and layer-wise cores)."""
+    sk = static_config(cfg)
+    if sk not in _ENGINES:
+        qcfg = QuantConfig(act_ranges=cfg.act_ranges, bit_choices=cfg.bit_choices)
+        _ENGINES[sk] = make_engine(resolve_model(cfg.model), steps=cfg.num_steps, sampler=cfg.sampler, eta=cfg.eta,
+                                   qcfg=qcfg)
+    return _ENGINES[sk]
+
+
+def make_core(*, layerwise: bool = False, config: EnvConfig | None = None, **kwargs: Any) -> Environment:
+    """Build (or reuse) a core for :class:`EnvConfig` fields ``kwargs`` (or ``config``, updated by kwargs).
+
+    Cores are cached per config; cores whose configs differ only in data fields (``DATA_FIELDS``: reward,
+    alpha, lam, budget, beta_fd, error_clip, bank, bank_size) share one engine, one :class:`Compiled` (jitted
+    functions and trace counts)."""
+    cfg = config if config is not None else EnvConfig(**kwargs)
+    if config is not None and kwargs:
+        cfg = config.replace(**kwargs)
+    k = (bool(layerwise), cfg)
+    if k not in _CORES:
+        cls = QuantDiffusionLayerwiseCore if layerwise else QuantDiffusionCore
+        sk = (bool(layerwise), static_config(cfg))
+        core = cls(cfg, engine_for(cfg), compiled=_COMPILED.get(sk))
+        _COMPILED.setdefault(sk, core.compiled)
+        _CORES[k] = core
+    return _CORES[k]

@@ -1,0 +1,84 @@
+"""Noise banks and their full-precision reference trajectories, computed once and cached (memory + disk).
+
+Every image has its own key; the train, eval and calibration banks are disjoint streams of image keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .denoiser import weights_hash
+from .diffusion import image_keys
+from .io import save_npy
+
+BANKS = ("train", "eval", "calib")
+#: Noise-bank seeds: the train, eval and calibration banks are disjoint streams of image keys.
+BANK_SEEDS = {"train": 1000, "eval": 2000, "calib": 3000}
+
+
+def cache_dir() -> Path:
+    """On-disk cache root: $QPOLICY_CACHE, else ~/.cache/qpolicy."""
+    return Path(os.environ.get("QPOLICY_CACHE", Path.home() / ".cache" / "qpolicy"))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReferenceBank:
+    """FP reference trajectories of a bank of image keys.
+
+    keys: (N,) image keys; traj: (S+1, N, H, W, C) float32, traj[0] = x_T, traj[-1] = the FP sample."""
+
+    name: str
+    keys: jax.Array
+    traj: jax.Array
+
+    @property
+    def size(self) -> int:
+        return int(self.keys.shape[0])
+
+
+_BANKS: dict[str, ReferenceBank] = {}
+
+
+def reference_bank(engine: Any, bank: str = "train", size: int = 64, *, batch_size: int = 256,
+                   disk_cache: bool = True) -> ReferenceBank:
+    """FP trajectories for ``size`` images of the ``bank`` noise stream, computed once and cached in
+    memory and on disk (keyed by model layer hash + weights, sampler, bank and size)."""
+    if bank not in BANKS:
+        raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
+    if size < 1:
+        raise ValueError(f"bank size must be >= 1, got {size}")
+    key = (f"{engine.den.name}_{engine.den.layer_hash}_{weights_hash(engine.den)}_{engine.sampler.kind}{engine.num_steps}"
+           f"_eta{engine.sampler.eta:g}_{bank}{size}")
+    if key in _BANKS:
+        return _BANKS[key]
+    keys = image_keys(BANK_SEEDS[bank], size)
+    path = cache_dir() / "refs" / f"{key}.npy"
+    if disk_cache and path.exists():
+        traj = jnp.asarray(np.load(path))
+    else:
+        run = jax.jit(engine.fp_trajectory)
+        parts = [run(keys[s:s + batch_size]) for s in range(0, size, batch_size)]
+        traj = jnp.concatenate(parts, axis=1)
+        if disk_cache:
+            save_npy(path, traj)
+    rb = ReferenceBank(name=key, keys=keys, traj=traj)
+    _BANKS[key] = rb
+    return rb
+
+
+def subset(bank: ReferenceBank, n: int | None) -> ReferenceBank:
+    """The first ``n`` images of ``bank`` (the bank itself when n is None or >= its size)."""
+    if n is None or n >= bank.size:
+        return bank
+    return ReferenceBank(name=f"{bank.name}[:{n}]", keys=bank.keys[:n], traj=bank.traj[:, :n])
+
+
+def clear_memory_cache() -> None:
+    """Forget the in-memory banks (the disk cache stays)."""
+    _BANKS.clear()

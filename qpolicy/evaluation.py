@@ -1,0 +1,240 @@
+"""Evaluation of a trained run against the non-RL baselines, on held-out noise, in named stages.
+
+:func:`evaluate_run` = :func:`setup` -> :func:`score_learned` (the input-dependent policy, group by group) ->
+:func:`score_mean_schedule` (its static fallback) -> :func:`score_baselines` (fit on the train bank, scored on
+the eval bank at the learned policy's cost) -> :func:`add_fd` (feature-space Fréchet distances) ->
+:func:`compare` -> :func:`write_outputs` (evaluation.json, schedules.npz, plots, the mean schedule).
+
+Every policy runs on the same eval-bank images (in groups of images_per_env for the learned one;
+per-image dynamic activation ranges make that grouping irrelevant to the errors).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .banks import ReferenceBank, reference_bank
+from .bits import geometric_mean_schedule
+from .config import is_int
+from .engine import QuantEngine, evaluate_schedule
+from .io import atomic_write_bytes, atomic_write_json
+from .runs import RunConfig, load_run
+
+BASELINE_SETS = ("all", "fast", "none")  # fast: every baseline but the per-(layer, step) search
+
+
+@dataclasses.dataclass
+class Record:
+    """One evaluated policy: its JSON row, (S, L) bits (the mean schedule for the learned policy) and samples."""
+
+    row: dict
+    bits_w: np.ndarray
+    bits_a: np.ndarray
+    samples: np.ndarray | None
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every stage needs: the run, its policy, the eval-bank env core and its params, the engine, the bank."""
+
+    run_dir: Path
+    cfg: RunConfig
+    act: Callable
+    core: Any
+    params: Any
+    engine: QuantEngine
+    bank: ReferenceBank
+    n: int
+
+
+def setup(run_dir: str | Path, n: int | None = None) -> Setup:
+    """Load the run and build the eval-bank core; ``n`` (default: the run's eval_bank_size) is rounded down to a
+    multiple of images_per_env so every policy sees the same images."""
+    from qpolicy.envs import EnvConfig, make_core
+
+    run_dir = Path(run_dir)
+    cfg, act = load_run(run_dir)
+    B = EnvConfig(**cfg.env).images_per_env
+    n = n or cfg.eval_bank_size
+    if not is_int(n) or n < B:
+        raise ValueError(f"n (eval-bank images, --n / eval_bank_size) must be an integer >= images_per_env={B}, "
+                         f"got {n!r}")
+    n = n // B * B
+    core = make_core(layerwise=cfg.layerwise, **{**cfg.env, "bank": "eval", "bank_size": n})
+    eng = core.engine
+    return Setup(run_dir=run_dir, cfg=cfg, act=act, core=core, params=core.default_params, engine=eng,
+                 bank=reference_bank(eng, "eval", n), n=n)
+
+
+def policy_schedules(cfg: RunConfig, act: Callable, core: Any, params: Any) -> tuple[np.ndarray, np.ndarray,
+                                                                                       np.ndarray]:
+    """Roll the deterministic policy over the bank in fixed groups of ``images_per_env`` images, with the env's
+    batched step.
+
+    Returns (idx (G, B) bank indices, bits_w (G, S, L), bits_a (G, S, L)): the input-dependent schedule
+    the policy chose for each group."""
+    from qpolicy.agents.sb3 import relaxed_to_index
+
+    B, N = core.B, int(params.bank_keys.shape[0])
+    G = N // B
+    idx = jnp.arange(G * B, dtype=jnp.int32).reshape(G, B)
+    obs, states = jax.jit(jax.vmap(core.reset_to, in_axes=(0, None)))(idx, params)
+    S, L = core.engine.num_steps, core.L
+    iw = np.zeros((G, S, L), np.int64)
+    ia = np.zeros((G, S, L), np.int64)
+    nvec = np.asarray(core.action_space(params).nvec)
+    for d in range(core.episode_length):
+        a = np.asarray(act(np.asarray(obs)))
+        if cfg.agent == "sac":
+            a = relaxed_to_index(a, nvec)
+        a = a.reshape(G, -1)
+        if cfg.layerwise:
+            i, l = divmod(d, L)
+            iw[:, i, l] = a[:, 0]
+            ia[:, i, l] = a[:, -1]
+        else:
+            iw[:, d], ia[:, d] = a[:, :L], a[:, -L:]
+        obs, states, *_ = core.jit_step_batch(jax.random.key(0), states, jnp.asarray(a), params)
+    choices = np.asarray(core.engine.qcfg.bit_choices)
+    return np.asarray(idx), choices[iw], choices[ia]
+
+
+def score_learned(s: Setup) -> tuple[Record, np.ndarray, np.ndarray]:
+    """The learned policy's input-dependent schedules scored group by group (bits are traced: no recompiles).
+
+    Returns (record with the geometric-mean schedule as its bits, per-group bits_w (G, S, L), bits_a)."""
+    eng, bank = s.engine, s.bank
+    idx, bw_g, ba_g = policy_schedules(s.cfg, s.act, s.core, s.params)
+    errs, samples = [], []
+    for g in range(idx.shape[0]):
+        e, x = eng.errors_fn(bank.keys[idx[g]], bank.traj[:, idx[g]], jnp.asarray(bw_g[g], jnp.int32),
+                             jnp.asarray(ba_g[g], jnp.int32))
+        errs.append(np.asarray(e))
+        samples.append(np.asarray(x))
+    e = np.concatenate(errs, axis=1)
+    cm = eng.cost_model()
+    sums = [cm.summary(bw_g[g], ba_g[g]) for g in range(idx.shape[0])]
+    row = {k: float(np.mean([x[k] for x in sums])) for k in sums[0]}
+    row.update(name=f"learned_{s.cfg.agent}", kind="learned", traj_error=float(e.mean()),
+               final_error=float(e[-1].mean()), per_step_error=e.mean(1).tolist(), n=int(e.shape[1]),
+               input_dependent=True)
+    mean_w = geometric_mean_schedule(bw_g, eng.qcfg.bit_choices)
+    mean_a = geometric_mean_schedule(ba_g, eng.qcfg.bit_choices)
+    return Record(row, mean_w, mean_a, np.concatenate(samples)), bw_g, ba_g
+
+
+def _static_record(s: Setup, name: str, kind: str, bits_w: np.ndarray, bits_a: np.ndarray) -> Record:
+    r = evaluate_schedule(s.engine, s.bank, bits_w, bits_a)
+    samples = r.pop("samples")
+    return Record({**r, "name": name, "kind": kind}, bits_w, bits_a, samples)
+
+
+def score_mean_schedule(s: Setup, learned: Record) -> Record:
+    """The learned policy's static fallback: its geometric-mean schedule over the eval groups."""
+    return _static_record(s, f"learned_{s.cfg.agent}_mean_schedule", "learned", learned.bits_w, learned.bits_a)
+
+
+def score_baselines(s: Setup, budget: float, baselines: str, *, progress: bool) -> list[Record]:
+    """Fit every baseline on the train bank at ``budget`` and score it on the eval bank."""
+    if baselines == "none":
+        return []
+    from qpolicy.agents.baselines import all_baselines
+
+    train_bank = reference_bank(s.engine, "train", 32)
+    bls = all_baselines(s.engine, train_bank, budget, search=baselines == "all", progress=progress)
+    return [_static_record(s, b.name, "baseline", b.bits_w, b.bits_a)
+            for b in tqdm(bls, desc="evaluate baselines", disable=not progress)]
+
+
+def add_fd(s: Setup, records: list[Record], *, progress: bool) -> dict[str, float | None]:
+    """Feature-space Fréchet distance of every record's samples (in place, ``row["fd"]``); returns fd_fp and
+    fd_real_split of the FP samples (None when the model records no dataset)."""
+    dataset = s.engine.den.dataset
+    if not dataset:
+        return {"fd_fp": None, "fd_real_split": None}
+    from qpolicy.features import load_feature_extractor
+    from qpolicy.metrics import real_reference, sample_quality
+
+    ext = load_feature_extractor(dataset)
+    real, m = real_reference(dataset, s.n)
+    rf = (ext.features(real[:m]), ext.features(real[m:]))
+    for rec in tqdm(records, desc="fd", disable=not progress):
+        rec.row["fd"] = sample_quality(rec.samples, dataset, extractor=ext, real_features=rf)["fd"]
+    fp = sample_quality(np.asarray(s.bank.traj[-1]), dataset, extractor=ext, real_features=rf)
+    return {"fd_fp": fp["fd"], "fd_real_split": fp["fd_real_split"]}
+
+
+def compare(records: list[Record]) -> dict[str, Any]:
+    """The best baseline at or below the learned policy's cost, and whether the learned policy beats it."""
+    learned = records[0].row
+    matched = [r.row for r in records if r.row["kind"] == "baseline"
+               and r.row["bops_rel_fp32"] <= learned["bops_rel_fp32"] + 1e-9]
+    if not matched:
+        return {}
+    best = min(matched, key=lambda r: r["final_error"])
+    return {"best_baseline_at_matched_cost": {"name": best["name"], "final_error": best["final_error"],
+                                              "bops_rel_fp32": best["bops_rel_fp32"]},
+            "learned_beats_best_baseline": learned["final_error"] < best["final_error"]}
+
+
+def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
+    """evaluation.json, schedules.npz (every policy's (S, L) bits), the Pareto plot, bit heatmaps, the FP-vs-learned
+    sample grid and the learned mean schedule (a BitSchedule, the policy's static fallback) under run_dir/eval."""
+    from qpolicy import plots
+    from qpolicy.schedule import BitSchedule, quantizer_dict
+
+    eng, out_dir = s.engine, s.run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "evaluation.json", result)
+    buf = io.BytesIO()  # every schedule's bits, for re-plotting or re-use: name -> (S, L) arrays
+    np.savez(buf, **{f"{r.row['name']}__{which}": b for r in records for which, b in (("w", r.bits_w),
+                                                                                      ("a", r.bits_a))})
+    atomic_write_bytes(out_dir / "schedules.npz", buf.getvalue())
+    plots.pareto(result["policies"], out_dir / "pareto.png", title=f"{eng.den.name}: cost vs final error")
+    plots.bit_heatmaps([(r.row["name"], r.bits_w, r.bits_a) for r in records], [l.path for l in eng.den.layers],
+                       out_dir / "bits_heatmaps.png")
+    plots.fp_vs_quantized(np.asarray(s.bank.traj[-1][:32]), records[0].samples[:32],
+                          out_dir / "samples_fp_vs_learned.png")
+    mean = records[1]
+    sched = BitSchedule.for_denoiser(eng.den, eng.sampler, mean.bits_w, mean.bits_a,
+                                     quantizer=quantizer_dict(eng.qcfg.w_spec, eng.qcfg.a_spec, eng.qcfg.act_ranges),
+                                     summary={k: v for k, v in mean.row.items() if isinstance(v, (int, float))},
+                                     provenance={"policy": f"learned_{s.cfg.agent}", "kind": "mean schedule of an "
+                                                 "input-dependent policy over the eval bank (static fallback)",
+                                                 "run": str(s.run_dir), "seed": s.cfg.seed,
+                                                 "config": s.cfg.to_dict()},
+                                     bit_choices=eng.qcfg.bit_choices)
+    sched.save(out_dir / "learned_mean_schedule.json")
+    result["files"] = {"evaluation": str(out_dir / "evaluation.json"), "pareto": str(out_dir / "pareto.png"),
+                       "heatmaps": str(out_dir / "bits_heatmaps.png"),
+                       "samples": str(out_dir / "samples_fp_vs_learned.png"),
+                       "schedule": str(out_dir / "learned_mean_schedule.json")}
+    atomic_write_json(out_dir / "evaluation.json", result)
+    return result
+
+
+def evaluate_run(run_dir: str | Path, *, baselines: str = "all", budget: float | None = None,
+                 n: int | None = None, progress: bool = True, with_fd: bool = True) -> dict[str, Any]:
+    """Evaluate the learned policy and the baselines on the held-out eval bank; write plots and schedules.
+
+    baselines: "all" | "fast" (no per-(layer, step) search) | "none". budget: the baselines' bops_rel_fp32 budget
+    (default: the run config's, else the learned policy's own cost). n: eval images."""
+    if baselines not in BASELINE_SETS:
+        raise ValueError(f"baselines must be one of {BASELINE_SETS}, got {baselines!r}")
+    s = setup(run_dir, n)
+    learned, _, _ = score_learned(s)
+    records = [learned, score_mean_schedule(s, learned)]
+    budget = budget if budget is not None else (s.cfg.budget if s.cfg.budget is not None
+                                                else learned.row["bops_rel_fp32"])
+    records += score_baselines(s, budget, baselines, progress=progress)
+    fd = add_fd(s, records, progress=progress) if with_fd else {"fd_fp": None, "fd_real_split": None}
+    result = {"run": str(s.run_dir), "model": s.engine.den.name, "steps": s.engine.num_steps, "eval_n": s.n,
+              "budget": budget, **fd, "policies": [r.row for r in records], **compare(records)}
+    return write_outputs(s, records, result)
