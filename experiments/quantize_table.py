@@ -24,7 +24,7 @@ print("| bits | bops_rel_fp32 | bops_rel_w8a8 | traj_error | final_error | fd |"
 print("|---|---|---|---|---|---|")
 for b in (3, 4, 6, 8, 16, 32):
     r = evaluate_schedule(eng, bank, *uniform_bits(eng, b, b), with_fd=True)
-    r.pop("samples")
+    r.pop("samples"), r.pop("errors")
     rows.append({"bits": b, **r})
     print(f"| W{b}A{b} | {r['bops_rel_fp32']:.4f} | {r['bops_rel_w8a8']:.3f} | {r['traj_error']:.3g} | "
           f"{r['final_error']:.3g} | {r['fd']:.3g} |", flush=True)

@@ -45,19 +45,35 @@ class ReferenceBank:
 _BANKS: dict[str, ReferenceBank] = {}
 
 
-def reference_bank(engine: Any, bank: str = "train", size: int = 64, *, batch_size: int = 256,
-                   disk_cache: bool = True) -> ReferenceBank:
-    """FP trajectories for ``size`` images of the ``bank`` noise stream, computed once and cached in
-    memory and on disk (keyed by model layer hash + weights, sampler, bank and size)."""
+def check_eval_seed(seed: Any) -> int:
+    """A noise seed for evaluation that no training, fitting or calibration bank uses."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"eval seed must be an integer >= 0, got {seed!r}")
+    used = {v: k for k, v in BANK_SEEDS.items() if k != "eval"}
+    if int(seed) in used:
+        raise ValueError(f"eval seed {seed} is the {used[int(seed)]} bank's noise stream (seeds in use: "
+                         f"{dict(BANK_SEEDS)}); pick another, e.g. {max(BANK_SEEDS.values()) + 1000}")
+    return int(seed)
+
+
+def reference_bank(engine: Any, bank: str = "train", size: int = 64, *, seed: int | None = None,
+                   batch_size: int = 256, disk_cache: bool = True) -> ReferenceBank:
+    """FP trajectories for ``size`` images of the ``bank`` noise stream (seed ``BANK_SEEDS[bank]``, or ``seed`` for
+    an eval bank on another stream), computed once and cached in memory and on disk (keyed by model layer hash +
+    weights, sampler, bank, seed and size)."""
     if bank not in BANKS:
         raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
     if size < 1:
         raise ValueError(f"bank size must be >= 1, got {size}")
-    key = (f"{engine.den.name}_{engine.den.layer_hash}_{weights_hash(engine.den)}_{engine.sampler.kind}{engine.num_steps}"
-           f"_eta{engine.sampler.eta:g}_{bank}{size}")
+    if seed is not None and bank != "eval":
+        raise ValueError(f"only the eval bank takes another noise seed; the {bank} bank is fixed to "
+                         f"{BANK_SEEDS[bank]}")
+    seed = BANK_SEEDS[bank] if seed is None else check_eval_seed(seed)
+    key = (f"{engine.den.name}_{engine.den.layer_hash}_{weights_hash(engine.den)}_{engine.sampler.kind}"
+           f"{engine.num_steps}_eta{engine.sampler.eta:g}_{bank}{size}_s{seed}")
     if key in _BANKS:
         return _BANKS[key]
-    keys = image_keys(BANK_SEEDS[bank], size)
+    keys = image_keys(seed, size)
     path = cache_dir() / "refs" / f"{key}.npy"
     if disk_cache and path.exists():
         traj = jnp.asarray(np.load(path))

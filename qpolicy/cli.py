@@ -90,7 +90,7 @@ def cmd_quantize(a) -> int:
         bits = uniform_bits(eng, a.w, a.a)
     bank = reference_bank(eng, a.bank, a.n)
     res = evaluate_schedule(eng, bank, *bits, with_fd=not a.no_fd)
-    res.pop("samples")
+    res.pop("samples"), res.pop("errors")
     res = {"model": den.name, "sampler": eng.sampler.kind, "act_ranges": a.act_ranges, **res}
     if a.json:
         _print_json(res)
@@ -113,18 +113,53 @@ def cmd_train(a) -> int:
 def cmd_evaluate(a) -> int:
     from .evaluation import evaluate_run
 
-    res = evaluate_run(a.run, baselines=a.baselines, budget=a.budget, n=a.n, progress=not a.json,
-                       with_fd=not a.no_fd)
+    res = evaluate_run(a.run, baselines=a.baselines, budget=a.budget, n=a.n, eval_seed=a.eval_seed,
+                       progress=not a.json, with_fd=not a.no_fd, permutations=a.permutations)
     if a.json:
         _print_json(res)
-    else:
-        print(f"{'policy':<34} {'kind':<9} {'BOPs/FP32':>10} {'bits W/A':>11} {'traj_err':>9} {'final_err':>9} {'fd':>7}")
-        for p in res["policies"]:
-            print(f"{p['name']:<34} {p['kind']:<9} {p['bops_rel_fp32']:>10.4f} "
-                  f"{p['mean_bits_w']:>5.2f}/{p['mean_bits_a']:<5.2f} {p['traj_error']:>9.4g} "
-                  f"{p['final_error']:>9.4g} {p.get('fd', float('nan')):>7.3g}")
-        print("files:", json.dumps(res["files"], indent=1))
+        return 0
+    print(f"{'policy':<34} {'kind':<9} {'BOPs/FP32':>10} {'bits W/A':>11} {'final_err [95% CI]':>27} "
+          f"{'fd':>7}  vs learned")
+    for p in res["policies"]:
+        ci = p["final_error_ci"]
+        vs = p.get("vs_learned", {}).get("verdict", "")
+        vs = {"better": "learned better", "worse": "learned worse"}.get(vs, vs)
+        print(f"{p['name']:<34} {p['kind']:<9} {p['bops_rel_fp32']:>10.4f} "
+              f"{p['mean_bits_w']:>5.2f}/{p['mean_bits_a']:<5.2f} {p['final_error']:>9.4g} "
+              f"[{ci[0]:.4g}, {ci[1]:.4g}]".ljust(20) + f" {p.get('fd', float('nan')):>7.3g}  {vs}")
+    print("\n".join(summary_lines(res)))
+    print("files:", json.dumps(res["files"], indent=1))
     return 0
+
+
+def summary_lines(res: dict) -> list[str]:
+    """The CI-backed verdict and the adaptivity audit of an evaluation, in a few lines."""
+    out = []
+    if "best_baseline_at_matched_cost" in res:
+        b = res["best_baseline_at_matched_cost"]
+        out.append(f"vs best baseline at <= the learned cost: {b['text']}")
+    ad = res.get("adaptivity", {})
+    if ad:
+        from .stats import verdict_text
+
+        out.append("vs its own static mean schedule: " + verdict_text(ad["vs_mean_schedule"], "learned",
+                                                                        "its mean schedule"))
+        if ad.get("gain") is not None:
+            lo, hi = ad["gain_ci"]
+            out.append(f"input dependence (each group's schedule on other groups' images): gain {ad['gain']:+.4g} "
+                       f"[{lo:+.4g}, {hi:+.4g}], p = {ad['p_value']:.3g}, "
+                       f"{ad['permutation']['distinct_schedules']} distinct schedules")
+        o = ad.get("oracle", {})
+        if o.get("headroom") is not None:
+            cap = "n/a" if o["captured"] is None else f"{100 * o['captured']:.0f} %"
+            out.append(f"oracle headroom over {len(o['menu'])} static schedules: {o['best_static']} "
+                       f"{o['best_static_error']:.4g} -> per-image best {o['oracle_error']:.4g} "
+                       f"({100 * (o['headroom_rel'] or 0):.0f} %); learned captures {cap}")
+        ln = ad.get("learnable", {})
+        if ln.get("gain_rel") is not None:
+            out.append(f"learnable from x_T features (ridge, held-out half): {100 * ln['gain_rel']:+.1f} % vs "
+                       f"{ln['best_static']} ({ln['vs_best_static']['verdict']})")
+    return out
 
 
 def cmd_export(a) -> int:
@@ -165,11 +200,10 @@ def cmd_demo(a) -> int:
         export_run(out, "csv", out / "export" / "schedule.csv")
     learned = res["policies"][0]
     print(f"\ntrained {summary['agent']} for {summary['timesteps']} decisions in {summary['wall_s']:.0f}s")
-    print(f"learned policy: BOPs/FP32 {learned['bops_rel_fp32']:.4f}, final error {learned['final_error']:.4g}")
-    if "best_baseline_at_matched_cost" in res:
-        b = res["best_baseline_at_matched_cost"]
-        print(f"best baseline at <= that cost: {b['name']} (BOPs/FP32 {b['bops_rel_fp32']:.4f}, "
-              f"final error {b['final_error']:.4g}) -> learned beats it: {res['learned_beats_best_baseline']}")
+    lo, hi = learned["final_error_ci"]
+    print(f"learned policy: BOPs/FP32 {learned['bops_rel_fp32']:.4f}, final error {learned['final_error']:.4g} "
+          f"[{lo:.4g}, {hi:.4g}] on {res['eval_n']} eval images (seed {res['eval_seed']})")
+    print("\n".join(summary_lines(res)))
     for k, v in res["files"].items():
         print(f"{k:>10}: {v}")
     for p in paths:
@@ -250,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-fd", action="store_true", help="skip the feature-space Fréchet distances")
     ev.add_argument("--budget", type=float, default=None, help="baselines' BOPs budget (default: learned cost)")
     ev.add_argument("--n", type=int, default=None, help="eval-bank images (default from the run config)")
+    ev.add_argument("--eval-seed", type=int, default=None,
+                    help="noise seed of the eval images (default 2000, the eval bank; never 1000/3000: train/calib)")
+    ev.add_argument("--permutations", type=int, default=4, help="derangements K in the permutation test")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(fn=cmd_evaluate)
 

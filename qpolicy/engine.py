@@ -209,7 +209,8 @@ def evaluate_schedule(engine: QuantEngine, bank: ReferenceBank, bits_w: Any, bit
     """Run a static (S, L) schedule on every image of ``bank``.
 
     Returns cost summary (see CostModel.summary) plus per_step_error (S,), traj_error, final_error
-    (means over images), samples (N, H, W, C) numpy, and fd (+ fd_fp: the FP samples' fd) if with_fd."""
+    (means over images), errors (S, N) numpy (per step and image), samples (N, H, W, C) numpy, and fd (+ fd_fp:
+    the FP samples' fd) if with_fd."""
     S, L = engine.num_steps, engine.num_layers
     bw = jnp.asarray(check_bits(bits_w, engine.qcfg.bit_choices, field="bits_w", shape=(S, L)))
     ba = jnp.asarray(check_bits(bits_a, engine.qcfg.bit_choices, field="bits_a", shape=(S, L)))
@@ -222,7 +223,7 @@ def evaluate_schedule(engine: QuantEngine, bank: ReferenceBank, bits_w: Any, bit
     e = np.concatenate(errs, axis=1)  # (S, N)
     out = {**(cost or engine.cost_model()).summary(np.asarray(bw), np.asarray(ba)),
            "per_step_error": e.mean(1).tolist(), "traj_error": float(e.mean()), "final_error": float(e[-1].mean()),
-           "n": bank.size, "steps": S, "samples": np.concatenate(samples)}
+           "n": bank.size, "steps": S, "errors": e, "samples": np.concatenate(samples)}
     if with_fd and engine.den.dataset:
         from .metrics import sample_quality
 

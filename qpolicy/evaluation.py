@@ -3,10 +3,14 @@
 :func:`evaluate_run` = :func:`setup` -> :func:`score_learned` (the input-dependent policy, group by group) ->
 :func:`score_mean_schedule` (its static fallback) -> :func:`score_baselines` (fit on the train bank, scored on
 the eval bank at the learned policy's cost) -> :func:`add_fd` (feature-space Fréchet distances) ->
-:func:`compare` -> :func:`write_outputs` (evaluation.json, schedules.npz, plots, the mean schedule).
+:func:`compare` (paired differences with 95 % bootstrap CIs and verdicts) -> :func:`audit` (the adaptivity audit,
+:mod:`qpolicy.adaptivity`) -> :func:`write_outputs` (evaluation.json, schedules.npz, plots, the mean schedule).
 
 Every policy runs on the same eval-bank images (in groups of images_per_env for the learned one;
-per-image dynamic activation ranges make that grouping irrelevant to the errors).
+per-image dynamic activation ranges make that grouping irrelevant to the errors), so every comparison is paired
+over images. ``eval_seed`` draws those images from a noise stream no training, fitting or calibration used.
+Compute: every row records ``search_forwards`` (denoiser image-forwards spent finding the policy: RL training
+decisions for the learned one, scored schedules for searches) and ``search_seconds`` where known.
 """
 from __future__ import annotations
 
@@ -20,24 +24,32 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import adaptivity
 from .banks import ReferenceBank, reference_bank
 from .bits import geometric_mean_schedule
 from .config import is_int
 from .engine import QuantEngine, evaluate_schedule
-from .io import atomic_write_bytes, atomic_write_json
-from .runs import RunConfig, load_run
+from .io import atomic_write_bytes, atomic_write_json, read_json
+from .runs import TRAIN_SUMMARY, RunConfig, load_run
+from .stats import mean_ci, paired_difference, verdict_text
 
 BASELINE_SETS = ("all", "fast", "none")  # fast: every baseline but the per-(layer, step) search
 
 
 @dataclasses.dataclass
 class Record:
-    """One evaluated policy: its JSON row, (S, L) bits (the mean schedule for the learned policy) and samples."""
+    """One evaluated policy: its JSON row, (S, L) bits (the mean schedule for the learned policy), samples and
+    per-step, per-image errors (S, N) on the eval bank."""
 
     row: dict
     bits_w: np.ndarray
     bits_a: np.ndarray
     samples: np.ndarray | None
+    errors: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.row["final_error_ci"] = mean_ci(self.errors[-1])["ci"]
+        self.row["traj_error_ci"] = mean_ci(self.errors.mean(0))["ci"]
 
 
 @dataclasses.dataclass
@@ -52,11 +64,15 @@ class Setup:
     engine: QuantEngine
     bank: ReferenceBank
     n: int
+    eval_seed: int
 
 
-def setup(run_dir: str | Path, n: int | None = None) -> Setup:
+def setup(run_dir: str | Path, n: int | None = None, eval_seed: int | None = None) -> Setup:
     """Load the run and build the eval-bank core; ``n`` (default: the run's eval_bank_size) is rounded down to a
-    multiple of images_per_env so every policy sees the same images."""
+    multiple of images_per_env so every policy sees the same images. ``eval_seed``: the eval bank's noise stream
+    (default: the eval bank's own, 2000)."""
+    from qpolicy.banks import BANK_SEEDS
+
     from qpolicy.envs import EnvConfig, make_core
 
     run_dir = Path(run_dir)
@@ -69,8 +85,10 @@ def setup(run_dir: str | Path, n: int | None = None) -> Setup:
     n = n // B * B
     core = make_core(layerwise=cfg.layerwise, **{**cfg.env, "bank": "eval", "bank_size": n})
     eng = core.engine
-    return Setup(run_dir=run_dir, cfg=cfg, act=act, core=core, params=core.default_params, engine=eng,
-                 bank=reference_bank(eng, "eval", n), n=n)
+    bank = reference_bank(eng, "eval", n, seed=eval_seed)
+    params = core.make_params(bank="eval", bank_size=n).replace(bank_keys=bank.keys, bank_traj=bank.traj)
+    return Setup(run_dir=run_dir, cfg=cfg, act=act, core=core, params=params, engine=eng, bank=bank, n=n,
+                 eval_seed=BANK_SEEDS["eval"] if eval_seed is None else int(eval_seed))
 
 
 def policy_schedules(cfg: RunConfig, act: Callable, core: Any, params: Any) -> tuple[np.ndarray, np.ndarray,
@@ -106,10 +124,28 @@ def policy_schedules(cfg: RunConfig, act: Callable, core: Any, params: Any) -> t
     return np.asarray(idx), choices[iw], choices[ia]
 
 
-def score_learned(s: Setup) -> tuple[Record, np.ndarray, np.ndarray]:
+def learned_compute(s: Setup) -> dict[str, Any]:
+    """What training the policy cost: denoiser image-forwards (each env decision that completes a sampler step
+    runs one forward of images_per_env images) and, when the run recorded it, wall seconds and device."""
+    from qpolicy.envs import EnvConfig
+
+    env = EnvConfig(**s.cfg.env)
+    steps = s.cfg.total_timesteps // (s.core.L if s.cfg.layerwise else 1)
+    out: dict[str, Any] = {"search_forwards": int(steps * env.images_per_env), "search_seconds": None}
+    f = s.run_dir / TRAIN_SUMMARY
+    if f.exists():
+        summ = read_json(f, what="train summary")
+        out.update(search_seconds=summ.get("wall_s"), search_device=summ.get("device"),
+                   search_forwards=int(summ.get("timesteps", s.cfg.total_timesteps)
+                                       // (s.core.L if s.cfg.layerwise else 1) * env.images_per_env))
+    return out
+
+
+def score_learned(s: Setup) -> tuple[Record, np.ndarray, np.ndarray, np.ndarray]:
     """The learned policy's input-dependent schedules scored group by group (bits are traced: no recompiles).
 
-    Returns (record with the geometric-mean schedule as its bits, per-group bits_w (G, S, L), bits_a)."""
+    Returns (record with the geometric-mean schedule as its bits, group bank indices idx (G, B), per-group
+    bits_w (G, S, L), bits_a)."""
     eng, bank = s.engine, s.bank
     idx, bw_g, ba_g = policy_schedules(s.cfg, s.act, s.core, s.params)
     errs, samples = [], []
@@ -124,16 +160,20 @@ def score_learned(s: Setup) -> tuple[Record, np.ndarray, np.ndarray]:
     row = {k: float(np.mean([x[k] for x in sums])) for k in sums[0]}
     row.update(name=f"learned_{s.cfg.agent}", kind="learned", traj_error=float(e.mean()),
                final_error=float(e[-1].mean()), per_step_error=e.mean(1).tolist(), n=int(e.shape[1]),
-               input_dependent=True)
+               input_dependent=True, **learned_compute(s))
     mean_w = geometric_mean_schedule(bw_g, eng.qcfg.bit_choices)
     mean_a = geometric_mean_schedule(ba_g, eng.qcfg.bit_choices)
-    return Record(row, mean_w, mean_a, np.concatenate(samples)), bw_g, ba_g
+    return Record(row, mean_w, mean_a, np.concatenate(samples), e), idx, bw_g, ba_g
 
 
-def _static_record(s: Setup, name: str, kind: str, bits_w: np.ndarray, bits_a: np.ndarray) -> Record:
+def _static_record(s: Setup, name: str, kind: str, bits_w: np.ndarray, bits_a: np.ndarray,
+                   info: dict | None = None) -> Record:
     r = evaluate_schedule(s.engine, s.bank, bits_w, bits_a)
-    samples = r.pop("samples")
-    return Record({**r, "name": name, "kind": kind}, bits_w, bits_a, samples)
+    samples, errors = r.pop("samples"), r.pop("errors")
+    info = info or {}
+    row = {**r, "name": name, "kind": kind, "search_forwards": info.get("forwards"),
+           "search_seconds": info.get("seconds")}
+    return Record(row, bits_w, bits_a, samples, errors)
 
 
 def score_mean_schedule(s: Setup, learned: Record) -> Record:
@@ -149,7 +189,7 @@ def score_baselines(s: Setup, budget: float, baselines: str, *, progress: bool) 
 
     train_bank = reference_bank(s.engine, "train", 32)
     bls = all_baselines(s.engine, train_bank, budget, search=baselines == "all", progress=progress)
-    return [_static_record(s, b.name, "baseline", b.bits_w, b.bits_a)
+    return [_static_record(s, b.name, "baseline", b.bits_w, b.bits_a, b.info)
             for b in tqdm(bls, desc="evaluate baselines", disable=not progress)]
 
 
@@ -172,16 +212,49 @@ def add_fd(s: Setup, records: list[Record], *, progress: bool) -> dict[str, floa
 
 
 def compare(records: list[Record]) -> dict[str, Any]:
-    """The best baseline at or below the learned policy's cost, and whether the learned policy beats it."""
-    learned = records[0].row
-    matched = [r.row for r in records if r.row["kind"] == "baseline"
-               and r.row["bops_rel_fp32"] <= learned["bops_rel_fp32"] + 1e-9]
-    if not matched:
-        return {}
-    best = min(matched, key=lambda r: r["final_error"])
-    return {"best_baseline_at_matched_cost": {"name": best["name"], "final_error": best["final_error"],
-                                              "bops_rel_fp32": best["bops_rel_fp32"]},
-            "learned_beats_best_baseline": learned["final_error"] < best["final_error"]}
+    """Paired comparisons of the learned policy with every other policy (final error per image, learned − other,
+    95 % bootstrap CI, verdict in words), and the best baseline at or below the learned policy's cost.
+
+    ``learned_beats_best_baseline`` is True only when the CI of the paired difference lies below 0."""
+    learned = records[0]
+    comps = []
+    for r in records[1:]:
+        d = paired_difference(learned.errors[-1], r.errors[-1])
+        r.row["vs_learned"] = {k: d[k] for k in ("mean_diff", "ci", "rel_diff", "verdict")}
+        comps.append({"baseline": r.row["name"], "kind": r.row["kind"], "bops_rel_fp32": r.row["bops_rel_fp32"],
+                      "at_matched_cost": r.row["bops_rel_fp32"] <= learned.row["bops_rel_fp32"] + 1e-9,
+                      **r.row["vs_learned"], "text": verdict_text(d, learned.row["name"], r.row["name"])})
+    out: dict[str, Any] = {"comparisons": comps}
+    matched = [c for c in comps if c["kind"] == "baseline" and c["at_matched_cost"]]
+    if matched:
+        best = min(matched, key=lambda c: next(r.row["final_error"] for r in records if r.row["name"] == c["baseline"]))
+        row = next(r.row for r in records if r.row["name"] == best["baseline"])
+        out["best_baseline_at_matched_cost"] = {"name": row["name"], "final_error": row["final_error"],
+                                                "final_error_ci": row["final_error_ci"],
+                                                "bops_rel_fp32": row["bops_rel_fp32"],
+                                                "search_forwards": row.get("search_forwards"),
+                                                "verdict": best["verdict"], "text": best["text"]}
+        out["learned_beats_best_baseline"] = best["verdict"] == "better"
+    return out
+
+
+def audit(s: Setup, records: list[Record], idx: np.ndarray, bw_g: np.ndarray, ba_g: np.ndarray, *,
+          k: int = 4) -> dict[str, Any]:
+    """The adaptivity audit (:mod:`qpolicy.adaptivity`): learned vs its own mean schedule, the permutation test
+    over groups, the oracle headroom over the static schedules at or below the learned cost, and the learnable
+    headroom from x_T features a deployed sampler knows."""
+    learned, mean = records[0], records[1]
+    B = idx.shape[1]
+    matched = learned.errors[-1].reshape(-1, B).mean(1)
+    perm = adaptivity.permutation_audit(s.engine, s.bank, idx, bw_g, ba_g, matched, k=k)
+    cost = learned.row["bops_rel_fp32"] + 1e-9
+    menu = {r.row["name"]: r.errors[-1] for r in records[1:] if r.row["bops_rel_fp32"] <= cost}
+    feats = adaptivity.input_features(s.bank.traj[0], s.core.config.thumb_size)
+    oracle = adaptivity.oracle_headroom(menu, learned.errors[-1])
+    return {"vs_mean_schedule": adaptivity.vs_mean_schedule(learned.errors[-1], mean.errors[-1]),
+            "gain": perm.get("gain"), "gain_ci": perm.get("gain_ci"), "p_value": perm.get("p_value"),
+            "permutation": perm, "oracle_headroom": oracle.get("headroom"), "oracle": oracle,
+            "captured": oracle.get("captured"), "learnable": adaptivity.learnable_headroom(feats, menu)}
 
 
 def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
@@ -215,26 +288,44 @@ def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
     result["files"] = {"evaluation": str(out_dir / "evaluation.json"), "pareto": str(out_dir / "pareto.png"),
                        "heatmaps": str(out_dir / "bits_heatmaps.png"),
                        "samples": str(out_dir / "samples_fp_vs_learned.png"),
+                       "bits_vs_input": str(out_dir / "bits_vs_input.png"),
                        "schedule": str(out_dir / "learned_mean_schedule.json")}
     atomic_write_json(out_dir / "evaluation.json", result)
     return result
 
 
 def evaluate_run(run_dir: str | Path, *, baselines: str = "all", budget: float | None = None,
-                 n: int | None = None, progress: bool = True, with_fd: bool = True) -> dict[str, Any]:
+                 n: int | None = None, eval_seed: int | None = None, progress: bool = True, with_fd: bool = True,
+                 permutations: int = 4) -> dict[str, Any]:
     """Evaluate the learned policy and the baselines on the held-out eval bank; write plots and schedules.
 
     baselines: "all" | "fast" (no per-(layer, step) search) | "none". budget: the baselines' bops_rel_fp32 budget
-    (default: the run config's, else the learned policy's own cost). n: eval images."""
+    (default: the run config's, else the learned policy's own cost). n: eval images. eval_seed: noise stream of the
+    eval images (default: the eval bank's). permutations: K derangements in the permutation test."""
     if baselines not in BASELINE_SETS:
         raise ValueError(f"baselines must be one of {BASELINE_SETS}, got {baselines!r}")
-    s = setup(run_dir, n)
-    learned, _, _ = score_learned(s)
+    s = setup(run_dir, n, eval_seed)
+    learned, idx, bw_g, ba_g = score_learned(s)
     records = [learned, score_mean_schedule(s, learned)]
     budget = budget if budget is not None else (s.cfg.budget if s.cfg.budget is not None
                                                 else learned.row["bops_rel_fp32"])
     records += score_baselines(s, budget, baselines, progress=progress)
     fd = add_fd(s, records, progress=progress) if with_fd else {"fd_fp": None, "fd_real_split": None}
+    comparison = compare(records)
     result = {"run": str(s.run_dir), "model": s.engine.den.name, "steps": s.engine.num_steps, "eval_n": s.n,
-              "budget": budget, **fd, "policies": [r.row for r in records], **compare(records)}
+              "eval_seed": s.eval_seed, "budget": budget, **fd, "policies": [r.row for r in records], **comparison,
+              "adaptivity": audit(s, records, idx, bw_g, ba_g, k=permutations)}
+    plots_bits_vs_input(s, idx, bw_g)
     return write_outputs(s, records, result)
+
+
+def plots_bits_vs_input(s: Setup, idx: np.ndarray, bw_g: np.ndarray) -> Path:
+    """How the chosen bits move with observable input features: each group's mean weight bits vs its x_T
+    features (plot under run_dir/eval)."""
+    from qpolicy import plots
+
+    feats = adaptivity.input_features(s.bank.traj[0], s.core.config.thumb_size)
+    g_feats = feats[idx].mean(1)  # (G, D)
+    return plots.bits_vs_features(np.log2(bw_g).mean((1, 2)), {"x_T std": g_feats[:, -2], "x_T |max|": g_feats[:, -1],
+                                                              "x_T mean": g_feats[:, -3]},
+                                  s.run_dir / "eval" / "bits_vs_input.png")

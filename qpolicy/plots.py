@@ -38,6 +38,9 @@ def pareto(policies: Sequence[dict], path, *, title: str = "cost vs final error"
     markers = iter(["*", "P", "D", "^", "v", "s", "X", "h", "<", ">", "p", "d"] * 4)
     colors = iter(plt.cm.tab10.colors * 4)
     for p, (x, y) in zip(policies, pts):
+        if p.get("final_error_ci"):  # 95 % bootstrap interval of the mean over images
+            lo, hi = p["final_error_ci"]
+            ax.errorbar(x, y, yerr=[[max(y - lo, 0)], [max(hi - y, 0)]], fmt="none", ecolor="0.5", lw=0.8, zorder=1)
         if p.get("kind") != "learned" and p["name"].startswith("uniform"):
             ax.scatter(x, y, marker="o", s=20, color="0.55", zorder=1)
             ax.annotate(p["name"].replace("uniform_", ""), (x, y), fontsize=6, color="0.4", xytext=(3, -8),
@@ -54,6 +57,29 @@ def pareto(policies: Sequence[dict], path, *, title: str = "cost vs final error"
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    return _save(fig, path)
+
+
+def bits_vs_features(mean_log2_bits: np.ndarray, features: dict[str, np.ndarray], path, *,
+                     title: str = "chosen bits vs input features") -> Path:
+    """One panel per input feature: each group's mean log2 bits (G,) against the feature (G,), with a least-squares
+    line and the correlation in the panel title (does the policy's precision follow the input?)."""
+    fig, axes = plt.subplots(1, len(features), figsize=(4 * len(features), 3.4), squeeze=False)
+    y = np.exp2(np.asarray(mean_log2_bits, np.float64))
+    for ax, (name, x) in zip(axes[0], features.items()):
+        x = np.asarray(x, np.float64)
+        ax.scatter(x, y, s=12, alpha=0.7)
+        if len(x) > 2 and x.std() > 0 and y.std() > 0:
+            a, b = np.polyfit(x, y, 1)
+            xs = np.linspace(x.min(), x.max(), 10)
+            ax.plot(xs, a * xs + b, color="tab:red", lw=1)
+            ax.set_title(f"r = {np.corrcoef(x, y)[0, 1]:+.2f}", fontsize=9)
+        else:
+            ax.set_title("no variation", fontsize=9)
+        ax.set_xlabel(name)
+        ax.set_ylabel("group mean bits (geometric)")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -18,10 +18,12 @@ import numpy as np
 import yaml
 
 from .config import check
-from .io import atomic_write_text
+from .io import atomic_write_json, atomic_write_text
 from .tracking import WANDB_MODES, Tracker
 
 AGENTS = ("ppo", "a2c", "sac", "ppo_jax")
+#: Written at the end of training: decisions, wall seconds, device (evaluation charges the run this compute).
+TRAIN_SUMMARY = "train_summary.json"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,10 +146,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t0 = time.time()
     if cfg.agent == "ppo_jax":
-        return _train_ppo_jax(cfg, run_dir, progress=progress, t0=t0)
-    from qpolicy.agents.sb3 import train_sb3
+        summary = _train_ppo_jax(cfg, run_dir, progress=progress, t0=t0)
+    else:
+        from qpolicy.agents.sb3 import train_sb3
 
-    return train_sb3(cfg, run_dir, progress=progress, t0=t0)
+        summary = train_sb3(cfg, run_dir, progress=progress, t0=t0)
+    summary["device"] = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+    atomic_write_json(run_dir / TRAIN_SUMMARY, summary)
+    return summary
 
 
 def _train_ppo_jax(cfg: RunConfig, run_dir: Path, *, progress: bool, t0: float) -> dict[str, Any]:

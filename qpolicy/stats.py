@@ -15,11 +15,12 @@ is deterministic. Returned dicts hold plain Python floats / ints / lists, so the
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from .config import is_int, is_real
 
 __all__ = [
     "EXACT_FLIP_MAX_GROUPS",
@@ -38,22 +39,14 @@ _MINUS = "\u2212"
 
 
 # =========================================================================== input checks
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _check_level(level: Any) -> float:
-    if not _is_real(level) or not 0.0 < float(level) < 1.0:
+    if not is_real(level) or not 0.0 < float(level) < 1.0:
         raise ValueError(f"level: expected a confidence level strictly between 0 and 1 (e.g. 0.95), got {level!r}")
     return float(level)
 
 
 def _check_count(v: Any, name: str, minimum: int = 1) -> int:
-    if not _is_int(v) or int(v) < minimum:
+    if not is_int(v) or int(v) < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
     return int(v)
 
@@ -61,7 +54,7 @@ def _check_count(v: Any, name: str, minimum: int = 1) -> int:
 def _rng(seed: Any) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
-    if _is_int(seed) and int(seed) >= 0:
+    if is_int(seed) and int(seed) >= 0:
         return np.random.default_rng(int(seed))
     raise ValueError(f"seed: expected a non-negative int or a numpy.random.Generator, got {seed!r}")
 

@@ -58,6 +58,21 @@ def test_train_evaluate_export_round_trip(tmp_path, tiny_ckpt, capsys):
     assert learned["kind"] == mean["kind"] == "learned" and learned["n"] == mean["n"] == 4
     for k in ("bops_rel_fp32", "mean_bits_w", "mean_bits_a", "traj_error", "final_error"):
         assert np.isfinite(learned[k])
+    for p in (learned, mean):  # paired statistics and compute on every row
+        lo, hi = p["final_error_ci"]
+        assert lo <= p["final_error"] <= hi and "search_forwards" in p
+    assert learned["search_forwards"] == 96 * 2  # decisions x images_per_env: one forward per per-step decision
+    assert mean["vs_learned"]["verdict"] in ("better", "worse", "no difference")
+    ad = res["adaptivity"]
+    for k in ("gain", "gain_ci", "p_value", "vs_mean_schedule", "oracle_headroom", "captured"):
+        assert k in ad
+    assert res["comparisons"][0]["baseline"] == mean["name"] and res["eval_seed"] == 2000
+    assert (run / "eval" / "bits_vs_input.png").exists() and (run / "train_summary.json").exists()
+    with pytest.raises(ValueError, match="train bank's noise stream"):
+        evaluate_run(run, baselines="none", progress=False, with_fd=False, eval_seed=1000)
+    other = evaluate_run(run, baselines="none", progress=False, with_fd=False, eval_seed=7000)
+    assert other["eval_seed"] == 7000 and other["policies"][0]["final_error"] != learned["final_error"]
+    res = evaluate_run(run, baselines="none", progress=False, with_fd=False)  # back to the default eval bank
     sched = BitSchedule.load(run / "eval" / "learned_mean_schedule.json")
     assert sched.bits_w.shape == (3, len(sched.layer_names)) and set(np.unique(sched.bits_w)) <= {4, 8}
     paths = export_run(run, "json", tmp_path / "out" / "s.json") + export_run(run, "csv", tmp_path / "out" / "s.csv")
