@@ -10,8 +10,18 @@ steps, L quantizable layers, registry order) plus an ``info`` dict saying how it
 * :func:`timestep_schedules` -- timestep-only schedules (PTQD style): every layer shares the step's
   bits; two-level ramps up (low bits on early, noisy steps) and down.
 * :func:`~qpolicy.agents.search.search_schedule` -- per-(step, layer) evolutionary search (AdaTSQ style).
+* :func:`~qpolicy.agents.search.search_beam` -- beam search lowering (layer, run-of-steps) blocks on end-to-end
+  error (AdaTSQ style).
+* :func:`~qpolicy.agents.search.timestep_bisection` -- per-timestep precision by bisection on the choice set and
+  on an error tolerance (TMPDiff style).
+* :func:`~qpolicy.agents.search.first_last_n` -- the rule runtimes ship: first/last n steps at high activation
+  bits, a uniform base elsewhere (untied W/A).
 * :func:`random_schedule` -- random bits repaired to the budget (:mod:`qpolicy.agents.budget`).
 * :func:`all_baselines` -- all of the above.
+
+Compute: every Baseline from :func:`all_baselines` has info "evaluations" (schedules scored on the train bank)
+and "forwards" (denoiser image-forwards = evaluations * images * num_steps; sensitivity probes count for the ILP,
+the shared timestep-family scoring for both ramps, 0 for uniform and random), for equal-compute comparisons.
 
 Budgets follow :mod:`qpolicy.agents.budget`; train-bank scores and batching :mod:`qpolicy.agents.scoring`.
 Selection and fitting only ever see the **train** bank passed in; evaluating on the eval bank is the caller's job.
@@ -30,13 +40,13 @@ from qpolicy.engine import QuantEngine
 
 from .budget import TOL, budget_repair, check_budget, cost_table, schedule_cost, to_choice_bits
 from .scoring import TRAJ_TIE, Baseline, score, train_scores
-from .search import search_schedule
+from .search import first_last_n, search_beam, search_schedule, timestep_bisection
 from .sensitivity import layer_sensitivity, sensitivity_mixed_precision
 
 __all__ = [
     "Baseline", "schedule_cost", "budget_repair", "uniform_baselines", "layer_sensitivity",
-    "sensitivity_mixed_precision", "timestep_schedules", "search_schedule", "random_schedule",
-    "all_baselines", "train_scores", "TRAJ_TIE",
+    "sensitivity_mixed_precision", "timestep_schedules", "search_schedule", "search_beam", "timestep_bisection",
+    "first_last_n", "random_schedule", "all_baselines", "train_scores", "TRAJ_TIE",
 ]
 
 
@@ -148,16 +158,22 @@ def random_schedule(engine: QuantEngine, budget: float, *, seed: int = 0, tie: b
 # ------------------------------------------------------------------------------------------ 7. all
 def all_baselines(engine: QuantEngine, train_bank: ReferenceBank, budget: float, *, search: bool = True,
                   progress: bool = True, seed: int = 0, sens_images: int | None = 16,
-                  search_kwargs: dict | None = None, chunk: int | None = None) -> list[Baseline]:
+                  search_kwargs: dict | None = None, chunk: int | None = None,
+                  max_evaluations: int | None = None, beam_kwargs: dict | None = None) -> list[Baseline]:
     """Every baseline at ``budget``: the uniform ones (fixed, budget-independent) first, then
-    sensitivity_ilp, timestep_ramp_up, timestep_ramp_down, search_evolution (if ``search``; seeded also
-    with the two timestep schedules) and random. Sensitivity is measured once on the first
-    ``sens_images`` train images and shared; each Baseline's info gets "seconds" (its build time;
-    the ILP's includes the shared sensitivity measurement)."""
+    sensitivity_ilp, timestep_ramp_up, timestep_ramp_down, then (if ``search``) search_evolution (seeded also
+    with the two timestep schedules), search_beam, timestep_bisection and first_last_n, and random.
+    Sensitivity is measured once on the first ``sens_images`` train images and shared; each Baseline's info gets
+    "seconds" (its build time; the ILP's includes the shared sensitivity measurement), "evaluations" and
+    "forwards" (see the module docstring). max_evaluations: cap on the schedules each search scores (None:
+    uncapped; search_evolution gets max_evaluations // population - 1 generations); beam_kwargs: extra
+    search_beam arguments."""
     from tqdm.auto import tqdm
 
     budget = check_budget(engine, budget)
-    stages = ["uniform", "sensitivity", "ilp", "timestep"] + (["search"] if search else []) + ["random"]
+    S = engine.num_steps
+    news = ["beam", "bisection", "first_last_n"]
+    stages = ["uniform", "sensitivity", "ilp", "timestep"] + (["search"] + news if search else []) + ["random"]
     bar = tqdm(total=len(stages), desc="baselines", disable=not progress)
     out: list[Baseline] = []
 
@@ -168,36 +184,54 @@ def all_baselines(engine: QuantEngine, train_bank: ReferenceBank, budget: float,
     t = time.perf_counter()
     uni = uniform_baselines(engine)
     dt = (time.perf_counter() - t) / max(len(uni), 1)
-    out += [dataclasses.replace(b, info={**b.info, "seconds": dt}) for b in uni]
+    out += [dataclasses.replace(b, info={**b.info, "seconds": dt, "evaluations": 0, "forwards": 0}) for b in uni]
     bar.update(1)
 
     stage("sensitivity")
     sens, sinfo = layer_sensitivity(engine, train_bank, max_images=sens_images, chunk=chunk,
                                     progress=progress, return_info=True)
+    sinfo["forwards"] = sinfo["probes"] * sinfo["images"] * S
     bar.update(1)
 
     stage("ilp")
     ilp = sensitivity_mixed_precision(engine, sens, budget)
     ilp.info.update(sensitivity=sinfo, seconds=ilp.info["seconds"] + sinfo["seconds"],
-                    sensitivity_table=sens.tolist())
+                    sensitivity_table=sens.tolist(), evaluations=sinfo["probes"], forwards=sinfo["forwards"])
     out.append(ilp)
     bar.update(1)
 
     stage("timestep")
     ts = timestep_schedules(engine, budget, train_bank, chunk=chunk)
+    for b in ts:  # one shared scoring of the family serves both directions
+        b.info.update(evaluations=b.info["evaluated"], forwards=b.info["evaluated"] * train_bank.size * S)
     out += ts
     bar.update(1)
 
     if search:
         stage("search")
         kw = {"seed": seed, "chunk": chunk, "progress": progress, **(search_kwargs or {})}
-        out.append(search_schedule(engine, train_bank, budget, sens=sens, init=ts, **kw))
+        if max_evaluations is not None:  # equal compute: (generations + 1) * population schedules
+            kw["generations"] = max(0, max_evaluations // kw.get("population", 8) - 1)
+        evo = search_schedule(engine, train_bank, budget, sens=sens, init=ts, **kw)
+        # it starts from the shared sensitivity table: charge those probes too
+        evo.info.update(forwards=evo.info["forwards"] + sinfo["forwards"], sensitivity_forwards=sinfo["forwards"])
+        out.append(evo)
+        bar.update(1)
+        common = {"chunk": chunk, "progress": progress, "max_evaluations": max_evaluations}
+        stage("beam")
+        out.append(search_beam(engine, train_bank, budget, **{**common, **(beam_kwargs or {})}))
+        bar.update(1)
+        stage("bisection")
+        out.append(timestep_bisection(engine, train_bank, budget, **common))
+        bar.update(1)
+        stage("first_last_n")
+        out.append(first_last_n(engine, train_bank, budget, **common))
         bar.update(1)
 
     stage("random")
     t = time.perf_counter()
     r = random_schedule(engine, budget, seed=seed)  # neutral repair: no sensitivity knowledge
-    r.info["seconds"] = time.perf_counter() - t
+    r.info.update(seconds=time.perf_counter() - t, evaluations=0, forwards=0)
     out.append(r)
     bar.update(1)
     bar.close()

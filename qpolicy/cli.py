@@ -68,36 +68,62 @@ def cmd_layers(a) -> int:
 
 
 def cmd_quantize(a) -> int:
-    from .denoiser import load_denoiser
     from .banks import reference_bank
-    from .engine import QuantConfig, evaluate_schedule, make_engine, uniform_bits
+    from .engine import evaluate_schedule
 
-    den = load_denoiser(a.model)
-    qcfg = QuantConfig(act_ranges=a.act_ranges)
-    if a.schedule:
-        from .schedule import read_bits_file
-
-        steps = read_bits_file(a.schedule, L=len(den.layers))[0].shape[0]  # the schedule fixes T
-        eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=qcfg)
-        from .schedule import load_schedule_for
-
-        sched = load_schedule_for(a.schedule, den, eng.sampler)
-        bits = (sched.bits_w, sched.bits_a)
-    else:
-        if a.w is None or a.a is None:
-            raise ValueError("give --w and --a (uniform bits), or --schedule FILE")
-        eng = make_engine(den, steps=a.steps, sampler=a.sampler, qcfg=qcfg)
-        bits = uniform_bits(eng, a.w, a.a)
+    den, eng, bits = _engine_for(a)
     bank = reference_bank(eng, a.bank, a.n)
     res = evaluate_schedule(eng, bank, *bits, with_fd=not a.no_fd)
     res.pop("samples"), res.pop("errors")
-    res = {"model": den.name, "sampler": eng.sampler.kind, "act_ranges": a.act_ranges, **res}
+    res = {"model": den.name, "sampler": eng.sampler.kind, "act_ranges": a.act_ranges, "preset": eng.qcfg.preset,
+           **res}
     if a.json:
         _print_json(res)
     else:
         for k, v in res.items():
             if k != "per_step_error":
                 print(f"{k:>18}: {v:.5g}" if isinstance(v, float) else f"{k:>18}: {v}")
+    return 0
+
+
+def _engine_for(a):
+    """(denoiser, engine, (bits_w, bits_a)) for quantize / fidelity: uniform --w/--a or --schedule FILE."""
+    from .denoiser import load_denoiser
+    from .engine import make_engine, quant_config, uniform_bits
+
+    den = load_denoiser(a.model)
+    qcfg = quant_config(a.preset, act_ranges=a.act_ranges)
+    if a.schedule:
+        from .schedule import load_schedule_for, read_bits_file
+
+        steps = read_bits_file(a.schedule, L=len(den.layers))[0].shape[0]  # the schedule fixes T
+        eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=qcfg)
+        sched = load_schedule_for(a.schedule, den, eng.sampler)
+        return den, eng, (sched.bits_w, sched.bits_a)
+    if a.w is None or a.a is None:
+        raise ValueError("give --w and --a (uniform bits), or --schedule FILE")
+    eng = make_engine(den, steps=a.steps, sampler=a.sampler, qcfg=qcfg)
+    return den, eng, uniform_bits(eng, a.w, a.a)
+
+
+def cmd_fidelity(a) -> int:
+    """Integer execution (int8 operands, int32 accumulation) vs the fake-quant simulation, layer by layer."""
+    from .banks import reference_bank
+    from .bits import check_bits
+    from .fidelity import check
+
+    den, eng, (bw, ba) = _engine_for(a)
+    check_bits(bw, eng.qcfg.bit_choices, field="bits_w")
+    check_bits(ba, eng.qcfg.bit_choices, field="bits_a")
+    res = {"model": den.name, "preset": eng.qcfg.preset, **check(eng, reference_bank(eng, a.bank, a.n), bw, ba)}
+    if a.json:
+        _print_json(res)
+        return 0
+    for r in sorted(res["layers"], key=lambda r: -r["max_lsb"])[:10]:
+        print(f"{r['path']:<32} {r['kind']:<6} max {r['max_lsb']:.3g} LSB ({r['max_abs']:.3g} abs)")
+    print(f"{res['layers_int']}/{res['layers_total']} layers on the integer path; worst {res['worst_layer']}: "
+          f"{res['max_lsb']:.3g} LSB; final error int vs simulation {res['final_error_int_vs_sim']:.3g} "
+          f"(simulation vs FP {res['final_error_sim_vs_fp']:.3g})")
     return 0
 
 
@@ -114,7 +140,8 @@ def cmd_evaluate(a) -> int:
     from .evaluation import evaluate_run
 
     res = evaluate_run(a.run, baselines=a.baselines, budget=a.budget, n=a.n, eval_seed=a.eval_seed,
-                       progress=not a.json, with_fd=not a.no_fd, permutations=a.permutations)
+                       progress=not a.json, with_fd=not a.no_fd, permutations=a.permutations,
+                       search_budget=a.search_budget)
     if a.json:
         _print_json(res)
         return 0
@@ -256,19 +283,35 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--json", action="store_true")
     l.set_defaults(fn=cmd_layers)
 
+    from .engine import QUANT_PRESETS
+
+    def engine_args(q, n_default):
+        q.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder (default: "
+                                                            "digits16)")
+        q.add_argument("--w", type=int, default=None, help="weight bits for every layer and step")
+        q.add_argument("--a", type=int, default=None, help="activation bits for every layer and step")
+        q.add_argument("--schedule", default=None,
+                       help="JSON schedule file (full BitSchedule or bits_w/bits_a T x L) instead of --w/--a")
+        q.add_argument("--n", type=int, default=n_default, help=f"images (default: {n_default})")
+        q.add_argument("--steps", type=int, default=10, help="sampler steps (default: 10; ignored with --schedule)")
+        q.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="sampler (default: ddim)")
+        q.add_argument("--act-ranges", default="dynamic", choices=("dynamic", "static"),
+                       help="activation ranges (default: dynamic)")
+        q.add_argument("--preset", default="ptq", choices=tuple(QUANT_PRESETS),
+                       help="quantizer: ptq (default: shortcut splitting, bias correction, weight clipping search) "
+                            "or plain (none of them)")
+        q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank (default: eval)")
+        q.add_argument("--json", action="store_true", help="print JSON")
+
     q = sub.add_parser("quantize", help="run the quantized sampler under uniform bits or a schedule file")
-    q.add_argument("--model", default="digits16")
-    q.add_argument("--w", type=int, default=None, help="weight bits for every layer and step")
-    q.add_argument("--a", type=int, default=None, help="activation bits for every layer and step")
-    q.add_argument("--schedule", default=None, help="JSON schedule file (full BitSchedule or bits_w/bits_a T x L)")
-    q.add_argument("--n", type=int, default=256, help="images (from the eval noise bank)")
-    q.add_argument("--steps", type=int, default=10, help="sampler steps (ignored with --schedule)")
-    q.add_argument("--sampler", default="ddim", help="ddim | ddpm")
-    q.add_argument("--act-ranges", default="dynamic", help="dynamic | static")
-    q.add_argument("--bank", default="eval", help="eval | train")
+    engine_args(q, 256)
     q.add_argument("--no-fd", action="store_true", help="skip the feature-space Fréchet distance")
-    q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
+
+    fi = sub.add_parser("fidelity", help="integer execution (int8 operands, int32 accumulation) vs the simulation, "
+                                         "layer by layer and end to end")
+    engine_args(fi, 4)
+    fi.set_defaults(fn=cmd_fidelity)
 
     tr = sub.add_parser("train", help="launch (or resume) a precision-policy training run")
     tr.add_argument("--config", required=True, help="YAML run config (experiments/configs/*.yaml)")
@@ -287,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-seed", type=int, default=None,
                     help="noise seed of the eval images (default 2000, the eval bank; never 1000/3000: train/calib)")
     ev.add_argument("--permutations", type=int, default=4, help="derangements K in the permutation test")
+    ev.add_argument("--search-budget", default="equal", choices=("equal", "free"),
+                    help="equal: each search scores at most the schedules the learned run's training forwards pay "
+                         "for; free: the searches' own defaults")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(fn=cmd_evaluate)
 

@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import hashlib
+import io
+import json
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .banks import ReferenceBank
+from .banks import ReferenceBank, cache_dir
 from .bits import DEFAULT_BIT_CHOICES, check_bits, check_choices, to_index
+from .config import check
 from .cost import CostModel
-from .denoiser import Denoiser
+from .denoiser import Denoiser, weights_hash
+from .io import atomic_write_bytes
 from .diffusion import Sampler, image_noise, make_sampler, sampler_step
-from .layers import activation_interceptor, map_layer_weights
-from .ptq import static_act_ranges
-from .quant import ACT_DEFAULT, ACT_RANGE_MODES, WEIGHT_DEFAULT, QuantSpec, fake_quant
+from .layers import activation_interceptor, map_layer_weights, path_tuple
+from .ptq import CLIP_GRID, input_means, input_splits, static_act_ranges, weight_clip_ratios
+from .quant import ACT_DEFAULT, ACT_RANGE_MODES, WEIGHT_DEFAULT, QuantSpec, fake_quant, range_from
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,7 +47,19 @@ class QuantConfig:
     bit_choices: accepted bitwidths (the rule of :func:`qpolicy.bits.check_choices`).
     precompute_weights: quantize each layer's weights once per choice and gather at run time (bits must be
         choices) instead of per call (the default, which keeps the STE gradient and measured faster on the
-        H100: benchmarks/results/*precomputed_weights.json)."""
+        H100: benchmarks/results/*precomputed_weights.json).
+    split_concat: shortcut splitting (Q-Diffusion): a layer whose input concatenates differently scaled tensors
+        gets one activation quantizer per part and one weight quantizer per input-channel slice (parts found in
+        the model's jaxpr, :func:`qpolicy.ptq.input_splits`); dynamic ranges only (static ranges stay per tensor).
+    bias_correction: empirical bias correction of the weight quantization (Nagel et al. 2019), per sampler step:
+        each conv/dense bias absorbs E[a] · (Q(W) − W) with E[a] the layer's mean input on FP calibration
+        trajectories (:func:`qpolicy.ptq.input_means`). Removes the per-channel mean shift of eps that DDIM
+        amplifies ~157x at t ≈ T (what broke patches32 at W8).
+    weight_clipping: MSE clipping search per output channel and bit choice (:func:`qpolicy.ptq.weight_clip_ratios`:
+        the clipping ratio of the absmax minimising the weight's quantization error, searched over 0.5..1).
+    calib_n: calibration images for static ranges and bias correction.
+    preset: the name recorded for this combination (see :data:`QUANT_PRESETS`; "custom" when fields differ).
+    """
 
     w_spec: QuantSpec = WEIGHT_DEFAULT
     a_spec: QuantSpec = ACT_DEFAULT
@@ -50,18 +67,56 @@ class QuantConfig:
     range_buckets: int = 4
     bit_choices: tuple[int, ...] = DEFAULT_BIT_CHOICES
     precompute_weights: bool = False
+    split_concat: bool = True
+    bias_correction: bool = True
+    weight_clipping: bool = True
+    calib_n: int = 32
 
     def __post_init__(self) -> None:
         if self.act_ranges not in ACT_RANGE_MODES:
             raise ValueError(f"act_ranges must be one of {ACT_RANGE_MODES}, got {self.act_ranges!r}")
+        object.__setattr__(self, "calib_n", check("calib_n", self.calib_n, kind="int", lo=1))
+        for f in ("precompute_weights", *PTQ_FIELDS):
+            object.__setattr__(self, f, check(f, getattr(self, f), kind="bool"))
         if self.range_buckets < 1:
             raise ValueError(f"range_buckets must be >= 1, got {self.range_buckets}")
         object.__setattr__(self, "bit_choices", check_choices(self.bit_choices))
+        if self.act_ranges == "static":  # static ranges are calibrated per tensor
+            object.__setattr__(self, "split_concat", False)
+
+    @property
+    def preset(self) -> str:
+        ptq = {k: getattr(self, k) for k in PTQ_FIELDS}
+        return next((name for name, v in QUANT_PRESETS.items() if v == ptq), "custom")
+
+    def quantizer_block(self) -> dict[str, Any]:
+        """The ``quantizer`` block of a BitSchedule: specs, range mode, and the PTQ techniques applied."""
+        from .schedule import quantizer_dict
+
+        return {**quantizer_dict(self.w_spec, self.a_spec, self.act_ranges), "preset": self.preset,
+                **{k: getattr(self, k) for k in PTQ_FIELDS}}
 
     def to_dict(self) -> dict[str, Any]:
         return {"weights": dataclasses.asdict(self.w_spec), "activations": dataclasses.asdict(self.a_spec),
                 "act_ranges": self.act_ranges, "range_buckets": self.range_buckets,
-                "bit_choices": list(self.bit_choices)}
+                "bit_choices": list(self.bit_choices), "preset": self.preset,
+                **{k: getattr(self, k) for k in PTQ_FIELDS}}
+
+
+#: The PTQ technique switches of QuantConfig.
+PTQ_FIELDS = ("split_concat", "bias_correction", "weight_clipping")
+#: Named quantizer presets: "ptq" (the default: shortcut splitting, bias correction, weight clipping search) and
+#: "plain" (per-tensor
+#: dynamic activations, per-channel weights, nothing else: the engine before the PTQ toolbox).
+QUANT_PRESETS = {"ptq": {"split_concat": True, "bias_correction": True, "weight_clipping": True},
+                 "plain": {"split_concat": False, "bias_correction": False, "weight_clipping": False}}
+
+
+def quant_config(preset: str = "ptq", **fields: Any) -> QuantConfig:
+    """QuantConfig of a named preset (:data:`QUANT_PRESETS`), with further fields overridden."""
+    if preset not in QUANT_PRESETS:
+        raise ValueError(f"quantizer preset must be one of {tuple(QUANT_PRESETS)}, got {preset!r}")
+    return QuantConfig(**{**QUANT_PRESETS[preset], **fields})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,7 +124,10 @@ class QuantEngine:
     """A denoiser + sampler + quantizer config: pure functions for quantized sampling steps.
 
     act_ranges_table: (range_buckets, L, 2) static activation (min, max) per (step bucket, layer),
-    required when ``qcfg.act_ranges == "static"`` (see :func:`calibrate`)."""
+    required when ``qcfg.act_ranges == "static"`` (see :func:`calibrate`).
+    Derived at construction (concrete, so the engine can first be used inside a trace): ``input_splits``
+    ({layer: channel sizes} with split_concat), ``input_means`` ({layer: (S, Cin)} with bias_correction),
+    ``weight_table`` (with precompute_weights)."""
 
     den: Denoiser
     sampler: Sampler
@@ -77,7 +135,12 @@ class QuantEngine:
     act_ranges_table: jax.Array | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weight_table", self._build_weight_table() if self.qcfg.precompute_weights else None)
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass, derived fields)
+        put("input_splits", input_splits(self.den) if self.qcfg.split_concat else {})
+        put("input_means", input_means(self.den, self.sampler, n=self.qcfg.calib_n) if self.qcfg.bias_correction
+            else {})
+        put("clip_ratios", self._clip_ratios() if self.qcfg.weight_clipping else {})
+        put("weight_table", self._build_weight_table() if self.qcfg.precompute_weights else None)
         if self.qcfg.act_ranges == "static":
             L = len(self.den.layers)
             if self.act_ranges_table is None:
@@ -109,35 +172,108 @@ class QuantEngine:
         every bit choice, so a forward only gathers (no per-call, per-env re-quantization). Built eagerly
         in __post_init__ so it is concrete even when the engine is first used inside a trace."""
         choices = jnp.asarray(self.qcfg.bit_choices, jnp.int32)
-        q = jax.jit(lambda p: map_layer_weights(p, self.den.layers, lambda l, w: jax.vmap(
-            lambda b: fake_quant(w, b, self.qcfg.w_spec))(choices)))
+        q = jax.jit(lambda p: map_layer_weights(p, self.den.layers, lambda l, w, name: jax.vmap(
+            lambda b: self.quantize_weight(l, w, b, name))(choices), named=True))
         return jax.block_until_ready(q(self.den.params))
 
-    def quantize_params(self, bits_w: jax.Array) -> Any:
-        """The params collection with each layer's weights fake-quantized at bits_w[l] (bits_w: (L,)).
+    def weight_parts(self, l: int, w: Any) -> tuple[int, ...] | None:
+        """Input-channel sizes of layer l's weight slices (None: quantized whole)."""
+        sizes = self.input_splits.get(l)
+        return sizes if sizes and w.ndim >= 2 and w.shape[-2] == sum(sizes) else None
+
+    def _clip_ratios(self) -> dict[tuple[int, str, int], jax.Array]:
+        """{(layer, weight name, part): (C, *scale shape) MSE-optimal clipping ratios} (symmetric tensor/channel
+        weight specs; other specs are not clipped)."""
+        spec = self.qcfg.w_spec
+        if not spec.symmetric or spec.log2 or spec.granularity == "group":
+            return {}
+        tag = hashlib.sha256(repr((spec, self.qcfg.bit_choices, CLIP_GRID, sorted(self.input_splits.items()),
+                                   self.den.layer_hash)).encode()).hexdigest()[:12]
+        path = cache_dir() / "clip" / f"{self.den.name}_{weights_hash(self.den)}_{tag}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                return {tuple(json.loads(k)): jnp.asarray(z[k]) for k in z.files}
+        out = {}
+        for lay in self.den.layers:
+            node = self.den.params
+            for k in path_tuple(lay.path):
+                node = node[k]
+            for name in lay.weight_names:
+                w = jnp.asarray(node[name], jnp.float32)
+                sizes = self.weight_parts(lay.index, w)
+                parts = jnp.split(w, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [w]
+                for j, p in enumerate(parts):
+                    out[(lay.index, name, j)] = weight_clip_ratios(p, spec, self.qcfg.bit_choices)
+        buf = io.BytesIO()
+        np.savez(buf, **{json.dumps(list(k)): np.asarray(v) for k, v in out.items()})
+        atomic_write_bytes(path, buf.getvalue())
+        return out
+
+    def quantize_weight(self, l: int, w: jax.Array, bits: jax.Array, name: str = "kernel") -> jax.Array:
+        """Layer l's weight fake-quantized at ``bits``: per input-channel slice when its input is split, with the
+        MSE-searched clipping ratio of ``bits`` when weight_clipping is on."""
+        counter = iter(range(1 << 30))
+        q = lambda p: fake_quant(p, bits, self.qcfg.w_spec, absmax=self.weight_absmax(l, name, next(counter), p, bits))
+        sizes = self.weight_parts(l, w)
+        return split_apply(w, sizes, q, axis=-2) if sizes else q(w)
+
+    def weight_absmax(self, l: int, name: str, part: int, w: jax.Array, bits: jax.Array) -> jax.Array | None:
+        """The range of weight slice ``part`` of layer l at ``bits``: the MSE-searched fraction of its absmax
+        (weight_clipping), else None (the quantizer's own dynamic range)."""
+        r = self.clip_ratios.get((l, name, part))
+        if r is None:
+            return None
+        return r[to_index(bits, self.qcfg.bit_choices)] * range_from(w, self.qcfg.w_spec)
+
+    def quantize_params(self, bits_w: jax.Array, i: jax.Array | None = None) -> Any:
+        """The params collection with each layer's weights fake-quantized at bits_w[l] (bits_w: (L,)), and, with
+        ``qcfg.bias_correction`` and a sampler step ``i``, each corrected layer's bias shifted by
+        −E[a]_i · (Q(W) − W) (summed over kernel positions; ``i=None`` leaves biases alone).
 
         With ``qcfg.precompute_weights`` the weights come from ``weight_table`` (bits must
         be in ``bit_choices``, which every public entry point checks); by default they are quantized here,
         which keeps the straight-through gradient to the float weights (QAT)."""
         if not self.qcfg.precompute_weights:
-            return map_layer_weights(self.den.params, self.den.layers,
-                                     lambda l, w: fake_quant(w, bits_w[l], self.qcfg.w_spec))
-        idx = to_index(bits_w, self.qcfg.bit_choices)
-        return map_layer_weights(self.weight_table, self.den.layers, lambda l, stack: stack[idx[l]])
+            params = map_layer_weights(self.den.params, self.den.layers,
+                                       lambda l, w, name: self.quantize_weight(l, w, bits_w[l], name), named=True)
+        else:
+            idx = to_index(bits_w, self.qcfg.bit_choices)
+            params = map_layer_weights(self.weight_table, self.den.layers, lambda l, stack: stack[idx[l]])
+        if i is None or not self.input_means:
+            return params
+        for l, mean in self.input_means.items():
+            node, ref = params, self.den.params
+            for k in path_tuple(self.den.layers[l].path):
+                node, ref = node[k], ref[k]
+            w = ref["kernel"]
+            dw = (node["kernel"] - w).reshape(-1, w.shape[-2], w.shape[-1]).sum(0)  # (Cin, Cout)
+            node["bias"] = node["bias"] - (mean[i] @ dw).astype(node["bias"].dtype)
+        return params
+
+    def act_quant_fn(self, i: jax.Array, bits_a: jax.Array) -> Callable[[int, jax.Array], jax.Array]:
+        """fn(l, a) -> layer l's input a fake-quantized with bits_a[l] at sampler step i: static ranges of step i's
+        bucket, or dynamic ranges per image (one image's error never depends on its batch-mates), one quantizer
+        per concatenated part with split_concat."""
+        spec = self.qcfg.a_spec
+        if self.qcfg.act_ranges == "static":
+            table = self.act_ranges_table[self.bucket(i)]
+            if spec.symmetric:
+                return lambda l, a: fake_quant(a, bits_a[l], spec, absmax=table[l, 1])
+            return lambda l, a: fake_quant(a, bits_a[l], spec, minmax=(table[l, 0], table[l, 1]))
+
+        def fn(l, a):
+            sizes = self.input_splits.get(l)
+            one = lambda v: fake_quant(v, bits_a[l], spec)
+            if sizes and a.shape[-1] == sum(sizes):
+                return jax.vmap(lambda v: split_apply(v, sizes, one, axis=-1))(a)
+            return jax.vmap(one)(a)
+        return fn
 
     def eps(self, x: jax.Array, i: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
         """Quantized eps at sampler step i for x (B, H, W, C), with (L,) bits."""
         t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
-        if self.qcfg.act_ranges == "static":
-            table = self.act_ranges_table[self.bucket(i)]
-            if self.qcfg.a_spec.symmetric:
-                fn = lambda l, a: fake_quant(a, bits_a[l], self.qcfg.a_spec, absmax=table[l, 1])
-            else:
-                fn = lambda l, a: fake_quant(a, bits_a[l], self.qcfg.a_spec, minmax=(table[l, 0], table[l, 1]))
-        else:  # dynamic ranges per image, so one image's error never depends on its batch-mates
-            fn = lambda l, a: jax.vmap(lambda v: fake_quant(v, bits_a[l], self.qcfg.a_spec))(a)
-        with nn.intercept_methods(activation_interceptor(self.den.layers, fn)):
-            return self.den.apply(self.quantize_params(bits_w), x, t)
+        with nn.intercept_methods(activation_interceptor(self.den.layers, self.act_quant_fn(i, bits_a))):
+            return self.den.apply(self.quantize_params(bits_w, i), x, t)
 
     def step(self, x: jax.Array, i: jax.Array, keys: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
         """One quantized reverse step x_i -> x_{i+1} (B images, per-image keys (B,))."""
@@ -177,6 +313,13 @@ class QuantEngine:
         return jnp.concatenate([x0[None], traj])
 
 
+def split_apply(x: jax.Array, sizes: Sequence[int], fn: Callable[[jax.Array], jax.Array], *, axis: int
+                ) -> jax.Array:
+    """fn applied to each part of x split into ``sizes`` along ``axis``, the parts concatenated back."""
+    parts = jnp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=axis)
+    return jnp.concatenate([fn(p) for p in parts], axis=axis)
+
+
 def relative_error(x_hat: jax.Array, x: jax.Array) -> jax.Array:
     """||x_hat - x||^2 / ||x||^2 per image over the trailing (H, W, C) axes."""
     axes = tuple(range(x.ndim - 3, x.ndim))
@@ -184,11 +327,12 @@ def relative_error(x_hat: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def make_engine(den: Denoiser, *, steps: int = 10, sampler: str = "ddim", eta: float = 0.0,
-                qcfg: QuantConfig | None = None, calib_n: int = 32) -> QuantEngine:
+                qcfg: QuantConfig | None = None, calib_n: int | None = None) -> QuantEngine:
     """Build a :class:`QuantEngine`. Static activation ranges come from the table stored with the model
     (``qpolicy calibrate``) if there is one for this sampler, else from the on-disk cache, else they are
     calibrated now (and cached)."""
     qcfg = qcfg or QuantConfig()
+    calib_n = qcfg.calib_n if calib_n is None else calib_n
     if qcfg.range_buckets > steps:  # a bucket per step at most: empty buckets have no range
         qcfg = dataclasses.replace(qcfg, range_buckets=steps)
     smp = make_sampler(den.schedule, sampler, steps, eta=eta)

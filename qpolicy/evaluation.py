@@ -33,7 +33,11 @@ from .io import atomic_write_bytes, atomic_write_json, read_json
 from .runs import TRAIN_SUMMARY, RunConfig, load_run
 from .stats import mean_ci, paired_difference, verdict_text
 
-BASELINE_SETS = ("all", "fast", "none")  # fast: every baseline but the per-(layer, step) search
+BASELINE_SETS = ("all", "fast", "none")  # fast: every baseline but the per-(layer, step) searches
+#: "equal": every search may score as many schedules as the learned run's training forwards buy; "free": their own
+#: defaults.
+SEARCH_BUDGETS = ("equal", "free")
+TRAIN_BANK_IMAGES = 32
 
 
 @dataclasses.dataclass
@@ -181,14 +185,17 @@ def score_mean_schedule(s: Setup, learned: Record) -> Record:
     return _static_record(s, f"learned_{s.cfg.agent}_mean_schedule", "learned", learned.bits_w, learned.bits_a)
 
 
-def score_baselines(s: Setup, budget: float, baselines: str, *, progress: bool) -> list[Record]:
-    """Fit every baseline on the train bank at ``budget`` and score it on the eval bank."""
+def score_baselines(s: Setup, budget: float, baselines: str, *, progress: bool,
+                    max_evaluations: int | None = None) -> list[Record]:
+    """Fit every baseline on the train bank at ``budget`` (searches capped at ``max_evaluations`` scored schedules)
+    and score it on the eval bank."""
     if baselines == "none":
         return []
     from qpolicy.agents.baselines import all_baselines
 
-    train_bank = reference_bank(s.engine, "train", 32)
-    bls = all_baselines(s.engine, train_bank, budget, search=baselines == "all", progress=progress)
+    train_bank = reference_bank(s.engine, "train", TRAIN_BANK_IMAGES)
+    bls = all_baselines(s.engine, train_bank, budget, search=baselines == "all", progress=progress,
+                        max_evaluations=max_evaluations)
     return [_static_record(s, b.name, "baseline", b.bits_w, b.bits_a, b.info)
             for b in tqdm(bls, desc="evaluate baselines", disable=not progress)]
 
@@ -296,24 +303,33 @@ def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
 
 def evaluate_run(run_dir: str | Path, *, baselines: str = "all", budget: float | None = None,
                  n: int | None = None, eval_seed: int | None = None, progress: bool = True, with_fd: bool = True,
-                 permutations: int = 4) -> dict[str, Any]:
+                 permutations: int = 4, search_budget: str = "equal") -> dict[str, Any]:
     """Evaluate the learned policy and the baselines on the held-out eval bank; write plots and schedules.
 
     baselines: "all" | "fast" (no per-(layer, step) search) | "none". budget: the baselines' bops_rel_fp32 budget
     (default: the run config's, else the learned policy's own cost). n: eval images. eval_seed: noise stream of the
-    eval images (default: the eval bank's). permutations: K derangements in the permutation test."""
+    eval images (default: the eval bank's). permutations: K derangements in the permutation test.
+    search_budget: "equal" (default: every search scores at most as many train-bank schedules as the learned run's
+    training forwards pay for: learned forwards / (32 images x S steps)) or "free" (the searches' own defaults)."""
     if baselines not in BASELINE_SETS:
         raise ValueError(f"baselines must be one of {BASELINE_SETS}, got {baselines!r}")
+    if search_budget not in SEARCH_BUDGETS:
+        raise ValueError(f"search_budget must be one of {SEARCH_BUDGETS}, got {search_budget!r}")
     s = setup(run_dir, n, eval_seed)
     learned, idx, bw_g, ba_g = score_learned(s)
     records = [learned, score_mean_schedule(s, learned)]
     budget = budget if budget is not None else (s.cfg.budget if s.cfg.budget is not None
                                                 else learned.row["bops_rel_fp32"])
-    records += score_baselines(s, budget, baselines, progress=progress)
+    cap = None
+    if search_budget == "equal":
+        cap = max(1, learned.row["search_forwards"] // (TRAIN_BANK_IMAGES * s.engine.num_steps))
+    records += score_baselines(s, budget, baselines, progress=progress, max_evaluations=cap)
     fd = add_fd(s, records, progress=progress) if with_fd else {"fd_fp": None, "fd_real_split": None}
     comparison = compare(records)
     result = {"run": str(s.run_dir), "model": s.engine.den.name, "steps": s.engine.num_steps, "eval_n": s.n,
-              "eval_seed": s.eval_seed, "budget": budget, **fd, "policies": [r.row for r in records], **comparison,
+              "eval_seed": s.eval_seed, "budget": budget,
+              "search_budget": {"mode": search_budget, "max_evaluations": cap,
+                                "learned_forwards": learned.row["search_forwards"]}, **fd, "policies": [r.row for r in records], **comparison,
               "adaptivity": audit(s, records, idx, bw_g, ba_g, k=permutations)}
     plots_bits_vs_input(s, idx, bw_g)
     return write_outputs(s, records, result)

@@ -163,8 +163,10 @@ def _get(tree: Any, path: Sequence[str]) -> Any:
     return tree
 
 
-def map_layer_weights(params: Any, layers: Sequence[LayerInfo], fn: Callable[[int, Any], Any]) -> Any:
-    """Return a copy of the ``params`` collection with every layer weight w replaced by fn(index, w)."""
+def map_layer_weights(params: Any, layers: Sequence[LayerInfo], fn: Callable[..., Any], *, named: bool = False
+                      ) -> Any:
+    """Return a copy of the ``params`` collection with every layer weight w replaced by fn(index, w) (or
+    fn(index, w, name) with ``named``)."""
     def copy(d):
         return {k: copy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
 
@@ -172,7 +174,7 @@ def map_layer_weights(params: Any, layers: Sequence[LayerInfo], fn: Callable[[in
     for l in layers:
         node = _get(params, path_tuple(l.path))
         for name in l.weight_names:
-            node[name] = fn(l.index, node[name])
+            node[name] = fn(l.index, node[name], name) if named else fn(l.index, node[name])
     return params
 
 

@@ -130,3 +130,85 @@ def fp_vs_quantized(fp: np.ndarray, quantized: np.ndarray, path) -> Path:
         ax.set_title(t)
         ax.axis("off")
     return _save(fig, path)
+
+
+def pareto_ci(rows: Sequence[dict], path, title: str = "cost vs final error (mean over seeds)") -> Path:
+    """Mean-over-seeds Pareto plot with confidence intervals: bops_rel_fp32 (x, log) vs final_error (y, log).
+
+    rows: dicts with "label" (policy name), "kind" ("learned" | "baseline"), "group" (e.g. "env.lam=2"; None for
+    a single group), "bops_rel_fp32", "final_error" and optional "final_error_ci" / "bops_ci" ([lo, hi]) and "n"
+    (seeds). Learned policies are stars in their group's colour (the mean schedule a smaller hollow star);
+    baselines fitted per group share their group's colour with a marker per baseline; uniform baselines are small
+    grey dots drawn once when identical across groups. Lower whiskers that reach 0 or below (a t interval over
+    few seeds) are cut at the bottom of the axis."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    if not rows:
+        ax.text(0.5, 0.5, "no policies", ha="center", va="center", transform=ax.transAxes)
+        return _save(fig, path)
+    groups = list(dict.fromkeys(r.get("group") for r in rows))
+    gcolor = {g: plt.cm.tab10.colors[i % 10] for i, g in enumerate(groups)}
+    ys = [r["final_error"] for r in rows if r["final_error"] > 0]
+    los = [r["final_error_ci"][0] for r in rows if r.get("final_error_ci") and r["final_error_ci"][0] > 0]
+    floor = 0.5 * min(ys + los) if ys + los else 1e-12
+    base_names = list(dict.fromkeys(r["label"] for r in rows if r.get("kind") != "learned"
+                                    and not r["label"].startswith("uniform")))
+    bmarker = {n: m for n, m in zip(base_names, ["P", "D", "^", "v", "s", "X", "h", "<", ">", "p", "d", "8"] * 4)}
+    pts, drawn_uniform = [], set()
+    for r in rows:
+        x, y = float(r["bops_rel_fp32"]), max(float(r["final_error"]), floor)
+        learned = r.get("kind") == "learned"
+        uniform = not learned and r["label"].startswith("uniform")
+        if uniform:
+            key = (r["label"], round(x, 12), round(y, 12))
+            if key in drawn_uniform:
+                continue
+            drawn_uniform.add(key)
+        pts.append((x, y))
+        ci, xci = r.get("final_error_ci"), r.get("bops_ci")
+        yerr = None if not ci else [[y - max(float(ci[0]), floor)], [max(float(ci[1]) - y, 0.0)]]
+        xerr = None if not xci else [[max(x - float(xci[0]), 0.0)], [max(float(xci[1]) - x, 0.0)]]
+        if uniform:
+            color, marker, size, z = "0.55", "o", 4, 1
+        elif learned:
+            color, size, z = gcolor[r.get("group")], 16 if "mean_schedule" not in r["label"] else 10, 4
+            marker = "*"
+        else:
+            color, marker, size, z = gcolor[r.get("group")], bmarker[r["label"]], 7, 2
+        hollow = learned and "mean_schedule" in r["label"]
+        ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt=marker, ms=size, color=color, ecolor=color, elinewidth=1,
+                    capsize=2, zorder=z, mfc="white" if hollow else color,
+                    mec=color if hollow else "black" if learned else color, mew=1.2 if hollow else 0.6 if learned
+                    else 0.5, alpha=0.9)
+        if uniform:
+            ax.annotate(r["label"].replace("uniform_", ""), (x, y), fontsize=6, color="0.4", xytext=(3, -8),
+                        textcoords="offset points")
+    front, best = [], np.inf
+    for x, y in sorted(pts):
+        if y < best:
+            best = y
+            front.append((x, y))
+    ax.plot(*zip(*front), "-", color="0.75", zorder=0)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="-", color="0.75", label="Pareto front (means)")]
+    multi = len(groups) > 1
+    for g in groups:
+        handles.append(Line2D([], [], ls="", marker="*", ms=12, color=gcolor[g], mec="black", mew=0.6,
+                              label=f"learned · {g}" if multi and g is not None else "learned"))
+    if any("mean_schedule" in r["label"] for r in rows if r.get("kind") == "learned"):
+        handles.append(Line2D([], [], ls="", marker="*", ms=9, color="0.3", mfc="white", mec="0.3", mew=1.2,
+                              label="learned mean schedule"))
+    for n in base_names:
+        handles.append(Line2D([], [], ls="", marker=bmarker[n], ms=6, color="0.3" if multi else
+                              gcolor[groups[0]], label=n))
+    if drawn_uniform:
+        handles.append(Line2D([], [], ls="", marker="o", ms=4, color="0.55", label="uniform W/A"))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("BOPs relative to the FP32 sampler")
+    ax.set_ylabel("final-sample relative error (eval bank)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+              title="colour = group" if multi else None, title_fontsize=7)
+    return _save(fig, path)

@@ -1,8 +1,10 @@
-"""Non-RL baselines: ILP vs brute force, known optimum, budgets, monotone ramps, search elitism, repair."""
+"""Non-RL baselines: ILP vs brute force, known optimum, budgets, monotone ramps, search elitism, repair; beam search,
+timestep bisection and first_last_n against brute force on an additive toy, evaluation caps and compute counts."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import types
 
 import jax
 import numpy as np
@@ -152,7 +154,7 @@ def test_all_baselines_shapes_choices_budget(tiny, all_bl):
         assert np.isin(b.bits_w, eng.qcfg.bit_choices).all() and np.isin(b.bits_a, eng.qcfg.bit_choices).all()
         if not b.name.startswith("uniform_"):
             assert B.schedule_cost(eng, b.bits_w, b.bits_a) <= BUDGET * (1 + 1e-9), b.name
-            assert b.tied and b.info["budget"] == BUDGET
+            assert (b.tied or b.name == "first_last_n") and b.info["budget"] == BUDGET  # first_last_n: W != A by design
             assert "seconds" in b.info
 
 
@@ -251,3 +253,149 @@ def test_vmapped_scores_match_loop(tiny):
     f2, t2 = B.train_scores(eng, bank, sc, chunk=2)
     np.testing.assert_allclose(f2, f1, rtol=1e-3, atol=1e-8)
     np.testing.assert_allclose(t2, t1, rtol=1e-3, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------ beam / bisection / first_last_n
+from qpolicy.agents import search as search_mod  # noqa: E402
+
+NEW = ("search_beam", "timestep_bisection", "first_last_n")
+TOY_BANK = types.SimpleNamespace(size=4)  # only its size is read when a scorer is given
+
+
+def _additive_toy(seed, S=2, macs=(100.0, 300.0), choices=(2, 4, 8)):
+    """Stub engine + a scorer whose final error is additive over (step, layer): pw[t, l, c_w] + pa[t, l, c_a],
+    each penalty decreasing in the choice (0 at the top), magnitudes spread over two decades."""
+    rng = np.random.default_rng(seed)
+    eng = _StubEngine(macs=macs, choices=choices, num_steps=S)
+    L, C = len(macs), len(choices)
+
+    def penalties():
+        inc = rng.random((S, L, C)) * rng.choice([0.1, 1.0, 10.0], size=(S, L, 1))
+        return np.cumsum(inc[..., ::-1], -1)[..., ::-1] - inc[..., -1:]
+
+    pw, pa = penalties(), penalties()
+    lut = {b: i for i, b in enumerate(choices)}
+    t, l = np.meshgrid(np.arange(S), np.arange(L), indexing="ij")
+    calls = []
+
+    def err(iw, ia):
+        return float(pw[t, l, iw].sum() + pa[t, l, ia].sum())
+
+    def scorer(scheds):
+        calls.append(len(scheds))
+        idx = [(np.vectorize(lut.get)(np.asarray(w)), np.vectorize(lut.get)(np.asarray(a))) for w, a in scheds]
+        return np.array([err(*p) for p in idx]), np.zeros(len(idx))
+
+    return eng, scorer, err, calls
+
+
+def _toy_cost(eng, iw, ia):
+    ch = np.asarray(eng.choices)
+    return eng.cost_model().summary(ch[iw], ch[ia])["bops_rel_fp32"]
+
+
+def _toy_budget(eng, seed, hi):
+    lo = _toy_cost(eng, np.zeros((eng.num_steps, eng.num_layers), int), np.zeros((eng.num_steps, eng.num_layers), int))
+    return float(np.random.default_rng(100 + seed).uniform(lo, hi))
+
+
+def _brute(eng, err, budget, members):
+    best = None
+    for iw, ia in members:
+        if _toy_cost(eng, iw, ia) > budget * (1 + 1e-9):
+            continue
+        e = err(iw, ia)
+        if best is None or e < best - 1e-12:
+            best = e
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_new_searches_find_known_optimum_of_additive_toy(seed):
+    eng, scorer, err, _ = _additive_toy(seed)
+    S, L, C = 2, 2, 3
+    budget = _toy_budget(eng, seed, 64 / 1024)
+    tied = lambda iw: (iw, iw)
+    # beam search: the optimum over all 3^4 tied (step, layer) schedules
+    full = [tied(np.array(c).reshape(S, L)) for c in itertools.product(range(C), repeat=S * L)]
+    bl = B.search_beam(eng, TOY_BANK, budget, scorer=scorer)
+    assert bl.name == "search_beam" and bl.tied and bl.info["cost"] <= budget * (1 + 1e-9)
+    assert bl.info["train_final_error"] == pytest.approx(_brute(eng, err, budget, full), abs=1e-12)
+    # timestep bisection: the optimum of the per-step family (every layer shares a step's bits)
+    per_step = [tied(np.repeat(np.array(p)[:, None], L, 1)) for p in itertools.product(range(C), repeat=S)]
+    bt = B.timestep_bisection(eng, TOY_BANK, budget, scorer=scorer)
+    assert bt.name == "timestep_bisection" and bt.tied and bt.info["cost"] <= budget * (1 + 1e-9)
+    assert (bt.bits_w == bt.bits_w[:, :1]).all()
+    assert bt.info["train_final_error"] == pytest.approx(_brute(eng, err, budget, per_step), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_first_last_n_finds_optimum_of_its_family(seed):
+    eng, scorer, err, _ = _additive_toy(seed, S=5, choices=(2, 4, 8, 16, 32))
+    S, L, C = 5, 2, 5
+    budget = _toy_budget(eng, seed, 0.15)
+    family = []
+    for n in range(S // 2 + 1):  # n first + n last steps at A16 (index 3), base elsewhere; highest base that fits
+        for c in range(C - 1, -1, -1):
+            iw = np.full((S, L), c)
+            ia = iw.copy()
+            ia[list(range(n)) + list(range(S - n, S))] = max(3, c)
+            if _toy_cost(eng, iw, ia) <= budget * (1 + 1e-9):
+                family.append((iw, ia))
+                break
+    bl = B.first_last_n(eng, TOY_BANK, budget, scorer=scorer)
+    assert bl.name == "first_last_n" and bl.info["cost"] <= budget * (1 + 1e-9)
+    assert bl.info["train_final_error"] == pytest.approx(_brute(eng, err, budget, family), abs=1e-12)
+    n, base, high = bl.info["n"], bl.info["base"], bl.info["high"]
+    assert (bl.bits_w == base).all() and high == max(16, base)
+    edge = np.zeros(S, bool)
+    edge[:n] = True
+    edge[S - n:] = True
+    assert (bl.bits_a[edge] == high).all() and (bl.bits_a[~edge] == base).all()
+    assert bl.info["evaluations"] == len(bl.info["family"]) <= S // 2 + 1
+
+
+@pytest.mark.parametrize("cap", [0, 1, 2, 5, 9, 30])
+def test_max_evaluations_caps_and_forwards(cap):
+    for name in NEW:
+        eng, scorer, _, calls = _additive_toy(1, S=4, macs=(100.0, 300.0, 50.0))
+        budget = _toy_budget(eng, 1, 64 / 1024)
+        bl = getattr(B, name)(eng, TOY_BANK, budget, scorer=scorer, max_evaluations=cap)
+        assert bl.info["evaluations"] <= cap and sum(calls) == bl.info["evaluations"], name
+        assert bl.info["forwards"] == bl.info["evaluations"] * TOY_BANK.size * eng.num_steps, name
+        assert bl.info["cost"] <= budget * (1 + 1e-9) and bl.info["max_evaluations"] == cap, name
+        assert np.isin(bl.bits_w, eng.choices).all() and np.isin(bl.bits_a, eng.choices).all(), name
+        uncapped = getattr(B, name)(eng, TOY_BANK, budget, scorer=scorer)
+        assert uncapped.info["forwards"] == uncapped.info["evaluations"] * TOY_BANK.size * eng.num_steps
+        if cap >= uncapped.info["evaluations"]:
+            assert bl.info["evaluations"] == uncapped.info["evaluations"] and not bl.info["capped"], name
+        if cap >= 2 and name != "first_last_n":  # never worse than the uniform schedule at budget
+            u = search_mod.uniform_at_budget(eng, eng.cost_model().table(), budget)
+            ub = np.asarray(eng.choices)[u]
+            assert bl.info["best_score"] <= scorer([(ub, ub)])[0][0] + 1e-12, name
+    with pytest.raises(ValueError, match="max_evaluations"):
+        B.search_beam(eng, TOY_BANK, budget, scorer=scorer, max_evaluations=-1)
+
+
+def test_all_baselines_new_searches_and_compute(tiny, all_bl):
+    eng, bank = tiny
+    S = eng.num_steps
+    names = [b.name for b in all_bl]
+    i = names.index("search_evolution")
+    assert names[i + 1:i + 4] == list(NEW) and names[-1] == "random"
+    for b in all_bl:
+        assert b.info["evaluations"] >= 0 and b.info["forwards"] >= 0, b.name
+    for b in all_bl:
+        if b.name in NEW + ("search_evolution", "timestep_ramp_up"):
+            assert b.info["forwards"] == b.info["evaluations"] * bank.size * S, b.name
+            assert b.info["evaluations"] > 0, b.name
+    by = {b.name: b for b in all_bl}
+    ilp = by["sensitivity_ilp"].info
+    assert ilp["forwards"] == ilp["sensitivity"]["probes"] * ilp["sensitivity"]["images"] * S
+    fl = by["first_last_n"]
+    assert (fl.bits_w == fl.info["base"]).all() and (fl.bits_a >= fl.bits_w).all()
+    # the searches score schedules they report: check the beam's and bisection's claimed scores
+    sc = [by[n] for n in ("search_beam", "timestep_bisection")]
+    fin, trj = B.train_scores(eng, bank, [(b.bits_w, b.bits_a) for b in sc])
+    for b, f in zip(sc, fin):
+        assert f == pytest.approx(b.info["train_final_error"], rel=1e-5)

@@ -1,0 +1,134 @@
+"""The PTQ toolbox: the W8 regression (bias correction removes the per-channel eps mean shift that broke patches32),
+shortcut splitting found in the jaxpr of any model, MSE weight clipping, presets; and real integer execution
+matching the simulation within 1 LSB."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from qpolicy import fidelity, make_engine, reference_bank, uniform_bits, wrap_denoiser
+from qpolicy.banks import BANK_SEEDS
+from qpolicy.diffusion import image_keys, image_noise, make_schedule
+from qpolicy.engine import quant_config
+from qpolicy.ptq import input_splits, weight_clip_ratios
+from qpolicy.quant import WEIGHT_DEFAULT, fake_quant, range_from
+
+
+class PixelMLP(nn.Module):
+    """eps = Dense(C)(silu(Dense(16)(concat(x, x²)) + t-embedding)): the last layer sees post-SiLU (nonzero-mean)
+    inputs like a U-Net's conv_out, and the first one a concatenation of differently scaled parts."""
+
+    @nn.compact
+    def __call__(self, x, t):
+        temb = nn.Dense(16, name="temb")(jnp.asarray(t, jnp.float32)[:, None] / 100.0)
+        h = nn.silu(nn.Dense(16, name="dense_0")(jnp.concatenate([x, 30.0 * x ** 2], -1)) + temb[:, None, None, :])
+        return nn.Dense(x.shape[-1], name="out")(h)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    m = PixelMLP()
+    shape = (4, 4, 3)
+    params = m.init(jax.random.key(0), jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32))
+    return wrap_denoiser(m, params, image_shape=shape, schedule=make_schedule("linear", 100), name="mlp")
+
+
+def _eps_mean_shift(eng, x, bw, ba):
+    L = eng.num_layers
+    fp = jnp.full((L,), 32, jnp.int32)
+    d = np.asarray(eng.eps(x, 0, jnp.full((L,), bw, jnp.int32), jnp.full((L,), ba, jnp.int32)) - eng.eps(x, 0, fp, fp))
+    return np.sqrt((d.mean((0, 1, 2)) ** 2).mean())  # per-channel mean of the eps error, rms over channels
+
+
+@pytest.mark.parametrize("bw,ba", [(8, 32), (6, 32)])
+def test_bias_correction_removes_eps_mean_shift(mlp, bw, ba):
+    plain = make_engine(mlp, steps=2, qcfg=quant_config("plain"))
+    fixed = make_engine(mlp, steps=2, qcfg=quant_config("plain", bias_correction=True, calib_n=16))
+    x = image_noise(image_keys(BANK_SEEDS["calib"], 16), 0, mlp.image_shape)  # the step-0 calibration inputs
+    before, after = _eps_mean_shift(plain, x, bw, ba), _eps_mean_shift(fixed, x, bw, ba)
+    assert before > 0 and after < 0.2 * before, (before, after)
+    L = plain.num_layers
+    fp = jnp.full((L,), 32, jnp.int32)  # exact at full precision: Q(W) - W = 0
+    np.testing.assert_array_equal(np.asarray(fixed.eps(x, 0, fp, fp)), np.asarray(plain.eps(x, 0, fp, fp)))
+
+
+def test_input_splits_found_in_any_model(mlp, tiny_denoiser):
+    assert {mlp.layers[l].path: s for l, s in input_splits(mlp).items()} == {"dense_0": (3, 3)}
+    tiny = {tiny_denoiser.layers[l].path: s for l, s in input_splits(tiny_denoiser).items()}
+    assert tiny and all(p.startswith(("up_", "time/")) for p in tiny)  # U-Net skip concatenations, sin|cos
+
+
+def test_split_concat_quantizes_each_part_on_its_own_range(mlp):
+    eng = make_engine(mlp, steps=2, qcfg=quant_config("plain", split_concat=True))
+    l = next(iter(eng.input_splits))
+    x = jnp.concatenate([jnp.linspace(-1, 1, 12).reshape(1, 4, 3), 100 * jnp.ones((1, 4, 3))], -1)
+    y = eng.act_quant_fn(jnp.int32(0), jnp.full((eng.num_layers,), 4, jnp.int32))(l, x)
+    small = np.asarray(y[..., :3])  # 4 bits over [-1, 1] alone: step 2/15, not 101/15
+    assert np.abs(small - np.asarray(x[..., :3])).max() <= 1 / 15 + 1e-6
+
+
+def test_weight_clipping_never_worse_and_clips_outliers():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32).at[0, 0].set(12.0)  # one outlier in channel 0
+    r = weight_clip_ratios(w, WEIGHT_DEFAULT, (4, 8, 32))
+    assert r.shape == (3, 1, 8) and float(r[2].min()) == 1.0
+    assert float(r[0, 0, 0]) < 1.0  # 4 bits: clip the outlier's channel
+    base = range_from(w, WEIGHT_DEFAULT)
+    for c, b in enumerate((4, 8)):
+        e_clip = ((w - fake_quant(w, b, WEIGHT_DEFAULT, absmax=r[c] * base)) ** 2).sum(0)
+        e_full = ((w - fake_quant(w, b, WEIGHT_DEFAULT)) ** 2).sum(0)
+        assert np.all(np.asarray(e_clip) <= np.asarray(e_full) + 1e-7)
+
+
+def test_presets_and_quantizer_block(mlp):
+    plain = make_engine(mlp, steps=2, qcfg=quant_config("plain"))
+    assert not plain.input_splits and not plain.input_means and not plain.clip_ratios
+    assert plain.qcfg.preset == "plain" and quant_config().preset == "ptq"
+    block = quant_config().quantizer_block()
+    assert block["preset"] == "ptq" and block["split_concat"] and block["bias_correction"] and block["weight_clipping"]
+    assert quant_config("ptq", act_ranges="static").split_concat is False  # static ranges stay per tensor
+    with pytest.raises(ValueError, match="preset must be one of"):
+        quant_config("best")
+
+
+# ------------------------------------------------------------------------------------------------ integer path
+def test_int8_accumulation_equals_float64_reference():
+    rng = np.random.default_rng(1)
+    conv = nn.Conv(5, (3, 3), strides=(2, 2), padding="SAME")
+    q_in = jnp.asarray(rng.integers(0, 256, (2, 7, 7, 4)), jnp.int32)
+    zp = jnp.asarray(rng.integers(0, 256, (2, 1, 1, 1)), jnp.int32)
+    q_w = jnp.asarray(rng.integers(-127, 128, (3, 3, 4, 5)), jnp.int32)
+    bound = conv.bind({"params": {"kernel": jnp.zeros((3, 3, 4, 5)), "bias": jnp.zeros(5)}})
+    acc = fidelity.int_accumulate(bound, q_in, zp, q_w)
+    ref = lax.conv_general_dilated(np.asarray(q_in - zp, np.float64), np.asarray(q_w, np.float64), (2, 2), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert acc.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(acc), np.asarray(ref).astype(np.int64))
+
+
+@pytest.mark.parametrize("preset", ["ptq", "plain"])
+def test_integer_execution_within_one_lsb(tiny_denoiser, preset):
+    eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config(preset))
+    bank = reference_bank(eng, "eval", 2)
+    bw, ba = uniform_bits(eng, 8, 8)
+    bw[1, :3] = 16  # a layer above 8 bits stays on the float simulation at that step
+    res = fidelity.check(eng, bank, bw, ba)
+    assert res["layers_int"] == len(fidelity.eligible(eng)) > 0
+    assert res["max_lsb"] <= 1.0
+    assert all(r["steps"] == (1 if r["index"] < 3 else 2) for r in res["layers"])
+    assert res["final_error_int_vs_sim"] < 0.05
+
+
+@pytest.mark.slow
+def test_cli_fidelity_digits16_within_one_lsb(capsys):
+    import json
+
+    from qpolicy.cli import main
+
+    assert main(["fidelity", "--model", "digits16", "--w", "8", "--a", "8", "--n", "2", "--steps", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["layers_int"] == res["layers_total"] == 43 and res["max_lsb"] <= 1.0
