@@ -132,19 +132,52 @@ def cmd_train(a) -> int:
 
     cfg = dataclasses.replace(load_config(a.config, a.set or []), **config_kwargs(a, RunConfig))
     run_dir = Path(a.run_dir or Path("runs") / cfg.name)
+    if a.seeds:  # one run directory per seed: run_dir/seed<s>
+        from .sweep import seeds_runs
+
+        _print_json(seeds_runs(a.config, a.seeds, run_dir, a.set or [], replace=config_kwargs(a, RunConfig)))
+        return 0
     _print_json(train(cfg, run_dir))
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    """Grid x seeds as Ray Tune trials, each a normal run directory (then evaluated)."""
+    from .sweep import run_sweep
+
+    res = run_sweep(a.config, a.grid or [], a.seeds, a.out, overrides=a.set or [], address=a.address,
+                    num_cpus=a.num_cpus, gpus_per_trial=a.gpus_per_trial, evaluate=not a.no_evaluate,
+                    baselines=a.baselines, eval_n=a.n, with_fd=not a.no_fd, progress=not a.json)
+    _print_json(res) if a.json else print(f"{sum(r.get('status') == 'ok' for r in res)}/{len(res)} trials ok; "
+                                          f"results: {Path(a.out) / 'sweep.json'}")
+    return 0 if all(r.get("status") == "ok" for r in res) else 1
+
+
+def cmd_report(a) -> int:
+    from .report import build_report
+
+    rep = build_report(a.runs, a.out, skip_unevaluated=a.skip_unevaluated)
+    print(f"wrote {Path(a.out) / 'report.md'}, {Path(a.out) / 'pareto.png'} ({len(rep.get('groups', []))} groups)")
     return 0
 
 
 def cmd_evaluate(a) -> int:
     from .evaluation import evaluate_run
+    from .report import expand_runs
 
-    res = evaluate_run(a.run, baselines=a.baselines, budget=a.budget, n=a.n, eval_seed=a.eval_seed,
-                       progress=not a.json, with_fd=not a.no_fd, permutations=a.permutations,
-                       search_budget=a.search_budget)
-    if a.json:
+    runs = expand_runs([a.run])  # a run directory, or a folder of them (seeds, a sweep)
+    for run in runs:
+        res = evaluate_run(run, baselines=a.baselines, budget=a.budget, n=a.n, eval_seed=a.eval_seed,
+                           progress=not a.json, with_fd=not a.no_fd, permutations=a.permutations,
+                           search_budget=a.search_budget)
+        _show_evaluation(res, a.json)
+    return 0
+
+
+def _show_evaluation(res: dict, as_json: bool) -> None:
+    if as_json:
         _print_json(res)
-        return 0
+        return
     print(f"{'policy':<34} {'kind':<9} {'BOPs/FP32':>10} {'bits W/A':>11} {'final_err [95% CI]':>27} "
           f"{'fd':>7}  vs learned")
     for p in res["policies"]:
@@ -156,7 +189,6 @@ def cmd_evaluate(a) -> int:
               f"[{ci[0]:.4g}, {ci[1]:.4g}]".ljust(20) + f" {p.get('fd', float('nan')):>7.3g}  {vs}")
     print("\n".join(summary_lines(res)))
     print("files:", json.dumps(res["files"], indent=1))
-    return 0
 
 
 def summary_lines(res: dict) -> list[str]:
@@ -317,11 +349,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="YAML run config (experiments/configs/*.yaml)")
     tr.add_argument("--set", action="append", help="override a field: key=value (dotted, e.g. env.lam=2)")
     tr.add_argument("--run-dir", default=None, help="run directory (default runs/<name>)")
+    tr.add_argument("--seeds", default=None, help="train once per seed, e.g. 0,1,2, into RUN_DIR/seed<s>")
     run_args(tr)
     tr.set_defaults(fn=cmd_train)
 
+    sw = sub.add_parser("sweep", help="a grid of run configs x seeds on Ray Tune (local, or a cluster with --address)")
+    sw.add_argument("--config", required=True, help="YAML run config")
+    sw.add_argument("--grid", action="append", help="key=v1,v2,... (dotted; repeat for a product), e.g. env.lam=1,2,4")
+    sw.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default: 0)")
+    sw.add_argument("--set", action="append", help="override a field of every trial: key=value")
+    sw.add_argument("--out", required=True, help="sweep folder (trials are run directories inside it)")
+    sw.add_argument("--address", default=None, help="Ray cluster address (default: a private local Ray)")
+    sw.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    sw.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (fractions share a card)")
+    sw.add_argument("--no-evaluate", action="store_true", help="train only")
+    sw.add_argument("--baselines", default="fast", choices=("all", "fast", "none"), help="evaluation baselines")
+    sw.add_argument("--n", type=int, default=None, help="eval images (default from the run config)")
+    sw.add_argument("--no-fd", action="store_true", help="skip Fréchet distances in the evaluation")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(fn=cmd_sweep)
+
+    rp = sub.add_parser("report", help="Markdown report + Pareto front with CI bars over evaluated runs and seeds")
+    rp.add_argument("runs", nargs="+", help="run directories or folders of them")
+    rp.add_argument("--out", required=True, help="report folder")
+    rp.add_argument("--skip-unevaluated", action="store_true",
+                    help="list runs without an evaluation instead of failing")
+    rp.set_defaults(fn=cmd_report)
+
     ev = sub.add_parser("evaluate", help="evaluate a run's policy against the non-RL baselines")
-    ev.add_argument("--run", required=True)
+    ev.add_argument("--run", required=True, help="run directory, or a folder of run directories (seeds, a sweep)")
     ev.add_argument("--baselines", default="all", choices=("all", "fast", "none"),
                     help="all | fast (no per-(layer, step) search) | none")
     ev.add_argument("--no-fd", action="store_true", help="skip the feature-space Fréchet distances")

@@ -8,6 +8,7 @@ A run directory holds ``config.yaml`` (the resolved :class:`RunConfig`), ``metri
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -104,6 +105,21 @@ def _agent_kwargs(agent: str) -> set[str]:
     return sb3_kwargs(agent)
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")  # 1e-3, 3E+4: strings to YAML 1.1, floats here
+
+
+def parse_value(text: str) -> Any:
+    """One ``--set`` value: a YAML scalar (or flow list/mapping), except that exponent floats written without a
+    dot (``1e-3``, which YAML 1.1 reads as a string) are floats."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set value {text!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if isinstance(v, str) and _FLOAT.match(v.strip()):
+        return float(v)
+    return v
+
+
 def _set_dotted(d: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:
@@ -130,7 +146,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if "=" not in o:
             raise ValueError(f"override {o!r} must look like key=value (e.g. env.lam=2.0)")
         k, v = o.split("=", 1)
-        _set_dotted(d, k.strip(), yaml.safe_load(v))
+        _set_dotted(d, k.strip(), parse_value(v))
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(d) - known)
     if unknown:

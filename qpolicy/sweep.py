@@ -27,24 +27,15 @@ from typing import Any, Sequence
 import yaml
 
 from .io import atomic_write_json
+from .runs import parse_value
 
 RAY_MISSING = ('qpolicy sweeps run on Ray Tune, which is not installed: pip install "qpolicy[sweep]" '
                '(or pip install "ray[tune]")')
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")  # 1e-3, 3E+4: strings to YAML 1.1, floats here
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9._,=+-]+")
 _MAX_NAME = 200  # characters of a run-directory name (file systems allow 255 bytes)
 
 
 # ------------------------------------------------------------------------------------------ grid parsing
-def parse_value(text: str) -> Any:
-    """One YAML scalar (or flow list/mapping), as ``--set`` reads it, except that exponent floats written without
-    a dot (``1e-3``, which YAML 1.1 reads as a string) are floats."""
-    v = yaml.safe_load(text)
-    if isinstance(v, str) and _FLOAT.match(v.strip()):
-        return float(v)
-    return v
-
-
 def format_value(v: Any) -> str:
     """``v`` as override text that :func:`qpolicy.runs.load_config` (``yaml.safe_load``) reads back as ``v``."""
     text = yaml.safe_dump(v, default_flow_style=True, width=1 << 16).strip()
