@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-all install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest
+
+# the slow integration tests (Ray Tune sweep, integer execution of a shipped model, searches at full size);
+# installs the sweep extra (Ray Tune) into .venv first
+test-all: $(STAMP)
+	$(BIN)/pip install -q -e ".[test,sweep]"
+	WANDB_MODE=offline $(BIN)/python -m pytest -m slow
 
 clean:
 	rm -rf out .pytest_cache

@@ -140,6 +140,7 @@ class QuantEngine:
         put("input_means", input_means(self.den, self.sampler, n=self.qcfg.calib_n) if self.qcfg.bias_correction
             else {})
         put("clip_ratios", self._clip_ratios() if self.qcfg.weight_clipping else {})
+        put("bias_deltas", self._bias_deltas())
         put("weight_table", self._build_weight_table() if self.qcfg.precompute_weights else None)
         if self.qcfg.act_ranges == "static":
             L = len(self.den.layers)
@@ -175,6 +176,21 @@ class QuantEngine:
         q = jax.jit(lambda p: map_layer_weights(p, self.den.layers, lambda l, w, name: jax.vmap(
             lambda b: self.quantize_weight(l, w, b, name))(choices), named=True))
         return jax.block_until_ready(q(self.den.params))
+
+    def _bias_deltas(self) -> dict[int, jax.Array]:
+        """{layer: (S, C, Cout)} bias correction E[a]_i · (Q_c(W) − W) (summed over kernel positions) for every sampler
+        step i and bit choice c, precomputed so a forward only gathers it."""
+        choices = jnp.asarray(self.qcfg.bit_choices, jnp.int32)
+        out = {}
+        for l, mean in self.input_means.items():
+            node = self.den.params
+            for k in path_tuple(self.den.layers[l].path):
+                node = node[k]
+            w = jnp.asarray(node["kernel"], jnp.float32)
+            dw = jax.jit(jax.vmap(lambda b: (self.quantize_weight(l, w, b) - w).reshape(-1, w.shape[-2],
+                                                                                        w.shape[-1]).sum(0)))(choices)
+            out[l] = jnp.einsum("si,cio->sco", mean, dw)
+        return out
 
     def weight_parts(self, l: int, w: Any) -> tuple[int, ...] | None:
         """Input-channel sizes of layer l's weight slices (None: quantized whole)."""
@@ -239,15 +255,14 @@ class QuantEngine:
         else:
             idx = to_index(bits_w, self.qcfg.bit_choices)
             params = map_layer_weights(self.weight_table, self.den.layers, lambda l, stack: stack[idx[l]])
-        if i is None or not self.input_means:
+        if i is None or not self.bias_deltas:
             return params
-        for l, mean in self.input_means.items():
-            node, ref = params, self.den.params
+        idx = to_index(bits_w, self.qcfg.bit_choices)
+        for l, delta in self.bias_deltas.items():
+            node = params
             for k in path_tuple(self.den.layers[l].path):
-                node, ref = node[k], ref[k]
-            w = ref["kernel"]
-            dw = (node["kernel"] - w).reshape(-1, w.shape[-2], w.shape[-1]).sum(0)  # (Cin, Cout)
-            node["bias"] = node["bias"] - (mean[i] @ dw).astype(node["bias"].dtype)
+                node = node[k]
+            node["bias"] = node["bias"] - delta[i, idx[l]].astype(node["bias"].dtype)
         return params
 
     def act_quant_fn(self, i: jax.Array, bits_a: jax.Array) -> Callable[[int, jax.Array], jax.Array]:

@@ -31,19 +31,21 @@ from .quant import quantize_int, range_from
 INT_KINDS = ("conv", "dense")
 
 
-def _int8_op(op):
+def _int8_op(op, out=jnp.int32):
     """``op`` (lax.conv_general_dilated / lax.dot_general) on int8 operands with int32 accumulation. Flax promotes the
-    module's inputs to float first; they hold small exact integers, so the cast back to int8 is exact."""
+    module's inputs to float first; they hold small exact integers, so the cast back to int8 is exact. ``out``: the
+    result type asked of the kernel (cuDNN's int8 convolutions accumulate in int32 and return float32)."""
     def f(lhs, rhs, *a, **k):
         k.pop("preferred_element_type", None)
-        return op(lhs.astype(jnp.int8), rhs.astype(jnp.int8), *a, preferred_element_type=jnp.int32, **k)
+        return op(lhs.astype(jnp.int8), rhs.astype(jnp.int8), *a, preferred_element_type=out, **k)
     return f
 
 
 def _int_module(module: nn.Module) -> nn.Module:
     """A parentless, bias-free copy of a Conv / Dense whose contraction runs on int8 operands into int32."""
     if isinstance(module, nn.Conv):
-        return module.clone(parent=None, use_bias=False, conv_general_dilated=_int8_op(lax.conv_general_dilated))
+        out = jnp.int32 if jax.default_backend() == "cpu" else jnp.float32  # cuDNN: int8 x int8 -> (int32 acc) f32
+        return module.clone(parent=None, use_bias=False, conv_general_dilated=_int8_op(lax.conv_general_dilated, out))
     return module.clone(parent=None, use_bias=False, dot_general=_int8_op(lax.dot_general))
 
 
@@ -54,7 +56,7 @@ def int_accumulate(module: nn.Module, q_in: jax.Array, zp: jax.Array, q_w: jax.A
     params = {"params": {"kernel": q_w}}
     shifted = q_in - 128
     offset = jnp.broadcast_to(zp - 128, q_in.shape)
-    return m.apply(params, shifted) - m.apply(params, offset)
+    return (m.apply(params, shifted) - m.apply(params, offset)).astype(jnp.int32)
 
 
 def integer_layer(engine: QuantEngine, l: int, module: nn.Module, x: jax.Array, bits_w: jax.Array,
