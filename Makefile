@@ -20,7 +20,7 @@ demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/qpolicy demo --out out/demo
 
 test: $(STAMP)
-	WANDB_MODE=offline $(BIN)/python -m pytest
+	WANDB_MODE=offline $(BIN)/python -m pytest --durations=15
 
 # the slow integration tests (Ray Tune sweep, integer execution of a shipped model, searches at full size);
 # installs the sweep extra (Ray Tune) into .venv first

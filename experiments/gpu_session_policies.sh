@@ -19,8 +19,11 @@ for model in "${models[@]}"; do
   $Q train --config "experiments/configs/${CFG[$model]}.yaml" --run-dir "$runs" --seeds 0,1,2 \
      --total-timesteps "${STEPS[$model]}" --wandb disabled > "$OUT/train_$model.json"
   t1=$(date +%s)
+  tar czf "$OUT/trained_$model.tgz" -C "$OUT" "runs_$model"  # the policies come back even if evaluation is cut
+  # measured on the H100 (2026-11-25): training fits in a 10-minute call, evaluation of 3 seeds does not; give it
+  # a call of its own (patches32, n = 256, --baselines fast: > 110 s per seed)
   $Q evaluate --run "$runs" --n 512 --eval-seed 5000 --baselines all --search-budget equal 2>&1 \
-     | grep -v "it/s\|s/it" | grep -v "^\s*$" > "$OUT/evaluate_$model.txt"
+     | grep --line-buffered -v "it/s\|s/it" | grep --line-buffered -v "^\s*$" > "$OUT/evaluate_$model.txt"
   t2=$(date +%s)
   $Q report "$runs" --out "$runs/report"
   echo "$model: train ${STEPS[$model]} decisions x 3 seeds $((t1 - t0)) s, evaluation $((t2 - t1)) s" | tee -a "$OUT/timing.txt"
