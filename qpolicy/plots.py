@@ -50,14 +50,19 @@ def pareto(policies: Sequence[dict], path, *, title: str = "cost vs final error"
             ax.scatter(x, y, marker=next(markers), s=170 if learned else 60, zorder=3 if learned else 2,
                        color="tab:red" if learned and "mean" not in p["name"] else next(colors),
                        edgecolors="black", linewidths=0.5, label=p["name"])
+    _cost_error_axes(ax, title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    return _save(fig, path)
+
+
+def _cost_error_axes(ax, title: str) -> None:
+    """Log-log BOPs-vs-final-error axes with labels, title and grid (both Pareto plots)."""
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("BOPs relative to the FP32 sampler")
     ax.set_ylabel("final-sample relative error (eval bank)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-    return _save(fig, path)
 
 
 def bits_vs_features(mean_log2_bits: np.ndarray, features: dict[str, np.ndarray], path, *,
@@ -203,12 +208,7 @@ def pareto_ci(rows: Sequence[dict], path, title: str = "cost vs final error (mea
                               gcolor[groups[0]], label=n))
     if drawn_uniform:
         handles.append(Line2D([], [], ls="", marker="o", ms=4, color="0.55", label="uniform W/A"))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("BOPs relative to the FP32 sampler")
-    ax.set_ylabel("final-sample relative error (eval bank)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
+    _cost_error_axes(ax, title)
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
               title="colour = group" if multi else None, title_fontsize=7)
     return _save(fig, path)

@@ -13,9 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from .io import atomic_write_json, atomic_write_text, read_json
+from .runs import read_config_mapping
 from .stats import across_seeds
 
 #: Config fields that do not change what a run learns: runs differing only in these are seeds of one group.
@@ -56,12 +55,7 @@ def load_run_result(run_dir: str | Path) -> dict:
     if not ev_file.exists():
         raise FileNotFoundError(f"run {run_dir} has no evaluation ({ev_file} not found): run "
                                 f"`qpolicy evaluate --run {run_dir}` first")
-    try:
-        cfg = yaml.safe_load(cfg_file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{cfg_file} is not valid YAML: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_file} must be a mapping of RunConfig fields")
+    cfg = read_config_mapping(cfg_file)
     ev = read_json(ev_file, what="evaluation")
     if not isinstance(ev, dict) or not ev.get("policies"):
         raise ValueError(f"{ev_file} has no 'policies': not a qpolicy evaluation (re-run `qpolicy evaluate --run "

@@ -129,19 +129,23 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
+def read_config_mapping(path: str | Path) -> dict:
+    """The YAML mapping in a run-config file (FileNotFoundError / ValueError naming the file otherwise)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {p} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config {p} must be a mapping of RunConfig fields")
+    return d
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config and apply ``key=value`` overrides (dotted keys, YAML values)."""
-    d: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"config file not found: {p}")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config {p} is not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"config {p} must be a mapping of RunConfig fields")
+    d: dict = read_config_mapping(path) if path is not None else {}
     for o in overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} must look like key=value (e.g. env.lam=2.0)")
