@@ -8,6 +8,7 @@ from typing import Any
 from qpolicy.bits import DEFAULT_BIT_CHOICES, check_choices
 from qpolicy.config import check
 from qpolicy.denoiser import DEFAULT_MODEL, Denoiser
+from qpolicy.engine import QUANT_PRESETS
 from qpolicy.quant import ACT_RANGE_MODES
 
 REWARD_MODES = ("delta", "terminal", "budget")
@@ -35,6 +36,7 @@ class EnvConfig:
     bank: "train" | "eval" (disjoint noise streams).
     bank_size: images in the FP reference bank.
     act_ranges: "dynamic" | "static" activation ranges.
+    quant_preset: quantizer preset of the engine: "ptq" (splitting, bias correction, clipping) | "plain".
     thumb_size: side of the x_t thumbnail in the observation.
     """
 
@@ -54,6 +56,7 @@ class EnvConfig:
     bank: str = "train"
     bank_size: int = 64
     act_ranges: str = "dynamic"
+    quant_preset: str = "ptq"
     thumb_size: int = 4
 
     def __post_init__(self) -> None:
@@ -64,7 +67,7 @@ class EnvConfig:
         for name in ("num_steps", "images_per_env", "bank_size", "thumb_size"):
             put(name, kind="int", lo=1)
         for name, accepted in (("sampler", SAMPLERS), ("reward", REWARD_MODES), ("bank", ENV_BANKS),
-                               ("act_ranges", ACT_RANGE_MODES)):
+                               ("act_ranges", ACT_RANGE_MODES), ("quant_preset", tuple(QUANT_PRESETS))):
             put(name, kind="choice", choices=accepted)
         for name in ("eta", "alpha", "lam", "budget", "beta_fd"):
             put(name, kind="real", lo=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from qpolicy.denoiser import Denoiser, load_denoiser
-from qpolicy.engine import QuantConfig, QuantEngine, make_engine
+from qpolicy.engine import QuantEngine, make_engine, quant_config
 
 from .config import EnvConfig
 from .core import DATA_FIELDS, Compiled, Environment, QuantDiffusionCore, QuantDiffusionLayerwiseCore
@@ -36,7 +36,7 @@ def engine_for(cfg: EnvConfig) -> QuantEngine:
     """The quantized sampler of an env config (one per static config, shared by per-step and layer-wise cores)."""
     sk = static_config(cfg)
     if sk not in _ENGINES:
-        qcfg = QuantConfig(act_ranges=cfg.act_ranges, bit_choices=cfg.bit_choices)
+        qcfg = quant_config(cfg.quant_preset, act_ranges=cfg.act_ranges, bit_choices=cfg.bit_choices)
         _ENGINES[sk] = make_engine(resolve_model(cfg.model), steps=cfg.num_steps, sampler=cfg.sampler, eta=cfg.eta,
                                    qcfg=qcfg)
     return _ENGINES[sk]

@@ -99,6 +99,15 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+_NONE = "none"
+
+
+def _or_none(conv):
+    def f(s: str):
+        return _NONE if s.strip().lower() == _NONE else conv(s)
+    return f
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequence[str] = (),
                     required: Sequence[str] = (), choices: dict[str, Sequence[str]] | None = None,
                     flags: dict[str, str] | None = None, defaults: dict[str, Any] | None = None) -> None:
@@ -115,6 +124,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequ
         tp, optional = _base_type(hints[f.name])
         default = (defaults or {}).get(f.name, f.default if f.default is not _MISSING else None)
         conv: Any = {int: int, float: float, bool: _parse_bool}.get(tp, str)
+        if optional:  # "none" sets the field to None (config_kwargs maps the sentinel back)
+            conv = _or_none(conv)
         nargs = None
         if typing.get_origin(tp) is tuple:
             inner = typing.get_args(tp)[0]
@@ -124,7 +135,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequ
         flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
         parser.add_argument(flag, dest=f.name, type=conv, nargs=nargs, default=None, required=f.name in required,
                             choices=choices.get(f.name), metavar=f.name.upper() if not choices.get(f.name) else None,
-                            help=(text + shown).strip() + (" ('none' for no value)" if optional and conv is str
+                            help=(text + shown).strip() + (" ('none' for no value)" if optional
                                                           and f.name not in required else ""))
 
 
@@ -135,5 +146,5 @@ def config_kwargs(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
         v = getattr(ns, f.name, None)
         if v is None:
             continue
-        out[f.name] = tuple(v) if isinstance(v, list) else (None if v == "none" else v)
+        out[f.name] = tuple(v) if isinstance(v, list) else (None if v == _NONE else v)
     return out

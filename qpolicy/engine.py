@@ -50,7 +50,8 @@ class QuantConfig:
         H100: benchmarks/results/*precomputed_weights.json).
     split_concat: shortcut splitting (Q-Diffusion): a layer whose input concatenates differently scaled tensors
         gets one activation quantizer per part and one weight quantizer per input-channel slice (parts found in
-        the model's jaxpr, :func:`qpolicy.ptq.input_splits`); dynamic ranges only (static ranges stay per tensor).
+        the model's jaxpr, :func:`qpolicy.ptq.input_splits`); with static activation ranges only the weights are
+        split (static ranges are calibrated per tensor).
     bias_correction: empirical bias correction of the weight quantization (Nagel et al. 2019), per sampler step:
         each conv/dense bias absorbs E[a] · (Q(W) − W) with E[a] the layer's mean input on FP calibration
         trajectories (:func:`qpolicy.ptq.input_means`). Removes the per-channel mean shift of eps that DDIM
@@ -81,8 +82,6 @@ class QuantConfig:
         if self.range_buckets < 1:
             raise ValueError(f"range_buckets must be >= 1, got {self.range_buckets}")
         object.__setattr__(self, "bit_choices", check_choices(self.bit_choices))
-        if self.act_ranges == "static":  # static ranges are calibrated per tensor
-            object.__setattr__(self, "split_concat", False)
 
     @property
     def preset(self) -> str:
@@ -347,7 +346,9 @@ def make_engine(den: Denoiser, *, steps: int = 10, sampler: str = "ddim", eta: f
     (``qpolicy calibrate``) if there is one for this sampler, else from the on-disk cache, else they are
     calibrated now (and cached)."""
     qcfg = qcfg or QuantConfig()
-    calib_n = qcfg.calib_n if calib_n is None else calib_n
+    if calib_n is not None:
+        qcfg = dataclasses.replace(qcfg, calib_n=calib_n)
+    calib_n = qcfg.calib_n
     if qcfg.range_buckets > steps:  # a bucket per step at most: empty buckets have no range
         qcfg = dataclasses.replace(qcfg, range_buckets=steps)
     smp = make_sampler(den.schedule, sampler, steps, eta=eta)

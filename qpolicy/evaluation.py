@@ -268,7 +268,7 @@ def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
     """evaluation.json, schedules.npz (every policy's (S, L) bits), the Pareto plot, bit heatmaps, the FP-vs-learned
     sample grid and the learned mean schedule (a BitSchedule, the policy's static fallback) under run_dir/eval."""
     from qpolicy import plots
-    from qpolicy.schedule import BitSchedule, quantizer_dict
+    from qpolicy.schedule import BitSchedule
 
     eng, out_dir = s.engine, s.run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +284,7 @@ def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
                           out_dir / "samples_fp_vs_learned.png")
     mean = records[1]
     sched = BitSchedule.for_denoiser(eng.den, eng.sampler, mean.bits_w, mean.bits_a,
-                                     quantizer=quantizer_dict(eng.qcfg.w_spec, eng.qcfg.a_spec, eng.qcfg.act_ranges),
+                                     quantizer=eng.qcfg.quantizer_block(),
                                      summary={k: v for k, v in mean.row.items() if isinstance(v, (int, float))},
                                      provenance={"policy": f"learned_{s.cfg.agent}", "kind": "mean schedule of an "
                                                  "input-dependent policy over the eval bank (static fallback)",

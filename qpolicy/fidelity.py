@@ -113,7 +113,7 @@ def _interceptor(engine: QuantEngine, i: jax.Array, bw: jax.Array, ba: jax.Array
         lo, hi = jax.vmap(lambda v: range_from(v, engine.qcfg.a_spec))(y_sim)
         step = (hi - lo).reshape(-1) / (2.0 ** ba[l].astype(jnp.float32) - 1)  # output step per image
         dev = jnp.abs(y_int - y_sim).reshape(y_sim.shape[0], -1).max(1)
-        record[l] = jnp.where(on, jnp.stack([jnp.max(dev / jnp.maximum(step, 1e-30)), jnp.max(dev)]), 0.0)
+        record[l] = jnp.where(on, jnp.stack([jnp.max(dev / jnp.maximum(step, 1e-30)), jnp.max(dev), 1.0]), 0.0)
         return jnp.where(on, y_int, y_sim) if use_int else y_sim
 
     return interceptor
@@ -122,7 +122,7 @@ def _interceptor(engine: QuantEngine, i: jax.Array, bw: jax.Array, ba: jax.Array
 def run_sampler(engine: QuantEngine, bank: ReferenceBank, bits_w: np.ndarray, bits_a: np.ndarray, *,
                 use_int: bool) -> tuple[jax.Array, np.ndarray, np.ndarray]:
     """Final samples (N, H, W, C) of the sampler on the integer path (use_int) or the simulation, with the per-step,
-    per-layer deviations of the integer path (S, L, 2) = (max_lsb, max_abs) and where it ran (S, L) bool.
+    per-layer deviations of the integer path (S, L, 2) = (max_lsb, max_abs) and where it actually ran (S, L) bool.
     One compiled step serves every step and schedule (bits are traced)."""
     from .diffusion import sampler_step
 
@@ -134,7 +134,7 @@ def run_sampler(engine: QuantEngine, bank: ReferenceBank, bits_w: np.ndarray, bi
         t = jnp.full((x.shape[0],), engine.sampler.timesteps[i], jnp.int32)
         with nn.intercept_methods(_interceptor(engine, i, bw, ba, rec, use_int)):
             eps = engine.den.apply(engine.quantize_params(bw, i), x, t)
-        stats = jnp.stack([rec.get(l, jnp.zeros(2)) for l in range(L)])
+        stats = jnp.stack([rec.get(l, jnp.zeros(3)) for l in range(L)])
         return sampler_step(engine.sampler, x, eps, i, keys), stats
 
     x = engine.initial(bank.keys)
@@ -143,15 +143,17 @@ def run_sampler(engine: QuantEngine, bank: ReferenceBank, bits_w: np.ndarray, bi
         x, st = step(x, jnp.int32(i), jnp.asarray(bits_w[i], jnp.int32), jnp.asarray(bits_a[i], jnp.int32),
                      bank.keys)
         stats.append(np.asarray(st))
-    ran = np.zeros((engine.num_steps, L), bool)
-    ran[:, eligible(engine)] = (np.asarray(bits_w) <= 8)[:, eligible(engine)] & \
-        (np.asarray(bits_a) <= 8)[:, eligible(engine)]
-    return x, np.stack(stats), ran
+    stats = np.stack(stats)
+    return x, stats[..., :2], stats[..., 2] > 0  # (S, L, 2) deviations, (S, L) where the integer path ran
 
 
 def check(engine: QuantEngine, bank: ReferenceBank, bits_w: Any, bits_a: Any) -> dict[str, Any]:
     """Integer path vs simulation for a (S, L) schedule on ``bank``'s images: per-layer max deviation in output
     quantization steps (``max_lsb``) and absolute, the worst layer, and the end-to-end final errors."""
+    spec = engine.qcfg.a_spec
+    if engine.qcfg.act_ranges != "dynamic" or spec.symmetric or spec.granularity != "tensor":
+        raise ValueError("the integer path mirrors dynamic, asymmetric, per-tensor activation quantizers (the default "
+                         f"activation spec); got act_ranges={engine.qcfg.act_ranges!r}, a_spec={engine.qcfg.a_spec}")
     bw, ba = np.asarray(bits_w, np.int64), np.asarray(bits_a, np.int64)
     x_int, stats, ran = run_sampler(engine, bank, bw, ba, use_int=True)
     x_sim, _, _ = run_sampler(engine, bank, bw, ba, use_int=False)

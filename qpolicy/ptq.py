@@ -117,9 +117,11 @@ def input_splits(den: Denoiser) -> dict[int, tuple[int, ...]]:
 
     def concat_sizes(var, jaxpr):
         e = producer(var, jaxpr)
-        while e is not None and e.primitive.name in ("jit", "pjit", "closed_call"):
-            inner = e.params.get("jaxpr")
+        while e is not None and e.primitive.name in ("jit", "pjit", "closed_call", "core_call"):
+            inner = e.params.get("jaxpr") or e.params.get("call_jaxpr")
             inner = getattr(inner, "jaxpr", inner)
+            if inner is None or not hasattr(inner, "outvars"):
+                return None
             var, jaxpr = inner.outvars[e.outvars.index(var)], inner
             e = producer(var, jaxpr)
         if e is None or e.primitive.name != "concatenate":
@@ -136,9 +138,10 @@ def input_splits(den: Denoiser) -> dict[int, tuple[int, ...]]:
                 if sizes and len(sizes) > 1:
                     out[int(e.params["name"].rsplit("_", 1)[1])] = sizes
             for p in e.params.values():
-                inner = getattr(p, "jaxpr", p)
-                if hasattr(inner, "eqns"):
-                    walk(inner)
+                for q in (p if isinstance(p, (tuple, list)) else (p,)):  # cond branches are a tuple
+                    inner = getattr(q, "jaxpr", q)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
 
     walk(closed.jaxpr)
     return out

@@ -90,7 +90,7 @@ def test_presets_and_quantizer_block(mlp):
     assert plain.qcfg.preset == "plain" and quant_config().preset == "ptq"
     block = quant_config().quantizer_block()
     assert block["preset"] == "ptq" and block["split_concat"] and block["bias_correction"] and block["weight_clipping"]
-    assert quant_config("ptq", act_ranges="static").split_concat is False  # static ranges stay per tensor
+    assert quant_config("ptq", act_ranges="static").preset == "ptq"  # static ranges: weights split, activations not
     with pytest.raises(ValueError, match="preset must be one of"):
         quant_config("best")
 
@@ -110,9 +110,8 @@ def test_int8_accumulation_equals_float64_reference():
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(ref).astype(np.int64))
 
 
-@pytest.mark.parametrize("preset", ["ptq", "plain"])
-def test_integer_execution_within_one_lsb(tiny_denoiser, preset):
-    eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config(preset))
+def test_integer_execution_within_one_lsb(tiny_denoiser):
+    eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config("ptq"))
     bank = reference_bank(eng, "eval", 2)
     bw, ba = uniform_bits(eng, 8, 8)
     bw[1, :3] = 16  # a layer above 8 bits stays on the float simulation at that step
@@ -121,6 +120,9 @@ def test_integer_execution_within_one_lsb(tiny_denoiser, preset):
     assert res["max_lsb"] <= 1.0
     assert all(r["steps"] == (1 if r["index"] < 3 else 2) for r in res["layers"])
     assert res["final_error_int_vs_sim"] < 0.05
+    with pytest.raises(ValueError, match="dynamic, asymmetric, per-tensor"):
+        fidelity.check(make_engine(tiny_denoiser, steps=2, qcfg=quant_config("ptq", act_ranges="static")), bank,
+                       bw, ba)
 
 
 @pytest.mark.slow

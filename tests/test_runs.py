@@ -68,11 +68,6 @@ def test_train_evaluate_export_round_trip(tmp_path, tiny_ckpt, capsys):
         assert k in ad
     assert res["comparisons"][0]["baseline"] == mean["name"] and res["eval_seed"] == 2000
     assert (run / "eval" / "bits_vs_input.png").exists() and (run / "train_summary.json").exists()
-    with pytest.raises(ValueError, match="train bank's noise stream"):
-        evaluate_run(run, baselines="none", progress=False, with_fd=False, eval_seed=1000)
-    other = evaluate_run(run, baselines="none", progress=False, with_fd=False, eval_seed=7000)
-    assert other["eval_seed"] == 7000 and other["policies"][0]["final_error"] != learned["final_error"]
-    res = evaluate_run(run, baselines="none", progress=False, with_fd=False)  # back to the default eval bank
     sched = BitSchedule.load(run / "eval" / "learned_mean_schedule.json")
     assert sched.bits_w.shape == (3, len(sched.layer_names)) and set(np.unique(sched.bits_w)) <= {4, 8}
     paths = export_run(run, "json", tmp_path / "out" / "s.json") + export_run(run, "csv", tmp_path / "out" / "s.csv")
@@ -84,6 +79,10 @@ def test_train_evaluate_export_round_trip(tmp_path, tiny_ckpt, capsys):
                  "--json"]) == 0
     q = json.loads(capsys.readouterr().out)
     assert q["bops_rel_fp32"] == pytest.approx(mean["bops_rel_fp32"])
+    with pytest.raises(ValueError, match="train bank's noise stream"):
+        evaluate_run(run, baselines="none", progress=False, with_fd=False, eval_seed=1000)
+    other = evaluate_run(run, baselines="none", progress=False, with_fd=False, eval_seed=7000)
+    assert other["eval_seed"] == 7000 and other["policies"][0]["final_error"] != learned["final_error"]
     with pytest.raises(ValueError, match="baselines must be one of"):
         evaluate_run(run, baselines="nonee")
     with pytest.raises(ValueError, match="must be an integer >= images_per_env"):
