@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import collections
 import functools
+from typing import Any
 
 
 import flax
@@ -176,14 +177,16 @@ class Environment(FunctionalEnv):
         self.compiled = compiled if compiled is not None else Compiled(self)
 
     # ------------------------------------------------------------------ params
-    def make_params(self, *, bank: str | None = None, bank_size: int | None = None, **weights: float) -> EnvParams:
+    def make_params(self, *, bank: str | None = None, bank_size: int | None = None, reference: Any = None,
+                    **weights: float) -> EnvParams:
         """EnvParams from the config; override the bank ("train"/"eval"), its size, or reward weights
-        (reward, alpha, lam, budget, beta_fd, error_clip) by keyword."""
+        (reward, alpha, lam, budget, beta_fd, error_clip) by keyword; ``reference``: a ReferenceBank to use as is
+        (e.g. an eval bank on another noise seed)."""
         from qpolicy.banks import reference_bank
 
         cfg = self.config.replace(**{k: v for k, v in dict(bank=bank, bank_size=bank_size, **weights).items()
                                       if v is not None})
-        rb = reference_bank(self.engine, cfg.bank, cfg.bank_size)
+        rb = reference if reference is not None else reference_bank(self.engine, cfg.bank, cfg.bank_size)
         f = lambda v: jnp.asarray(v, jnp.float32)
         return EnvParams(cost_table=f(self.engine.cost_model().table()),
                          bit_choices=jnp.asarray(cfg.bit_choices, jnp.int32),

@@ -90,7 +90,7 @@ def setup(run_dir: str | Path, n: int | None = None, eval_seed: int | None = Non
     core = make_core(layerwise=cfg.layerwise, **{**cfg.env, "bank": "eval", "bank_size": n})
     eng = core.engine
     bank = reference_bank(eng, "eval", n, seed=eval_seed)
-    params = core.make_params(bank="eval", bank_size=n).replace(bank_keys=bank.keys, bank_traj=bank.traj)
+    params = core.make_params(reference=bank)  # the eval bank, on eval_seed's stream when given
     return Setup(run_dir=run_dir, cfg=cfg, act=act, core=core, params=params, engine=eng, bank=bank, n=n,
                  eval_seed=BANK_SEEDS["eval"] if eval_seed is None else int(eval_seed))
 
