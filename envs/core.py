@@ -74,7 +74,6 @@ import collections
 import functools
 from typing import Any
 
-
 import flax
 import jax
 import jax.numpy as jnp
