@@ -163,7 +163,7 @@ def _action_spec(core: Any) -> tuple[tuple[int, ...], bool]:
     """(per-head sizes, scalar_action) of an env (from its action space) or of a :func:`core_meta` dict (saved
     policies: ``action_nvec`` [] means a single Discrete(``num_choices``))."""
     if not isinstance(core, Mapping):
-        return heads(core.action_space(core.default_params))
+        return heads(core.action_space())
     if "action_nvec" not in core:
         raise ValueError("core metadata lacks 'action_nvec' (build it with qpolicy.agents.ppo_jax.core_meta)")
     nvec = tuple(int(n) for n in core["action_nvec"])
@@ -179,7 +179,7 @@ def _action_spec(core: Any) -> tuple[tuple[int, ...], bool]:
 def _obs_size(core: Any) -> int:
     if isinstance(core, Mapping):
         return int(core["obs_size"])
-    return int(core.observation_space(core.default_params).shape[0])
+    return int(core.observation_space().shape[0])
 
 
 def core_meta(core: Any) -> dict:

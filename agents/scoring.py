@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qpolicy.banks import ReferenceBank
-from qpolicy.engine import QuantEngine
+from qpolicy.engine import QuantEngine, auto_chunk
 
 #: Weight of the mean trajectory error in the train-bank score (a tie-break next to the final error).
 TRAJ_TIE = 1e-3
@@ -39,14 +39,6 @@ class Baseline:
         return bool(np.array_equal(self.bits_w, self.bits_a))
 
 
-def _auto_chunk(chunk: int | None) -> int:
-    if chunk is not None:
-        if int(chunk) < 1:
-            raise ValueError(f"chunk must be >= 1 (schedules per vmapped call) or None (auto), got {chunk}")
-        return int(chunk)
-    return 1 if jax.default_backend() == "cpu" else 16
-
-
 @functools.lru_cache(maxsize=16)
 def _vmapped(engine: QuantEngine):
     def f(keys, ref, bw, ba):
@@ -59,7 +51,7 @@ def train_scores(engine: QuantEngine, bank: ReferenceBank, schedules: Sequence[t
                  chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Final-sample and trajectory errors (means over the bank's images) of each (bits_w, bits_a) (S, L)
     schedule: two float64 arrays (N,). chunk: schedules per vmapped call (None: 1 on CPU, 16 otherwise)."""
-    chunk = _auto_chunk(chunk)
+    chunk = auto_chunk(chunk)
     n = len(schedules)
     if n == 0:
         return np.zeros(0), np.zeros(0)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .banks import ReferenceBank
-from .engine import QuantEngine
+from .engine import QuantEngine, grouped_errors
 from .stats import derangements, mean_ci, paired_difference, permutation_gain
 
 
@@ -34,12 +34,8 @@ def group_errors(engine: QuantEngine, bank: ReferenceBank, idx: np.ndarray, bits
                  owners: Sequence[int]) -> np.ndarray:
     """(G,) mean final error of group g's images (bank indices idx[g], (G, B)) under the schedule of group
     owners[g] (bits (G, S, L))."""
-    out = np.empty(len(owners))
-    for g, h in enumerate(owners):
-        e, _ = engine.errors_fn(bank.keys[idx[g]], bank.traj[:, idx[g]], jnp.asarray(bits_w[h], jnp.int32),
-                                jnp.asarray(bits_a[h], jnp.int32))
-        out[g] = float(np.asarray(e)[-1].mean())
-    return out
+    e, _ = grouped_errors(engine, bank, idx, bits_w, bits_a, owners)
+    return e[-1].reshape(idx.shape).mean(1)
 
 
 def permutation_audit(engine: QuantEngine, bank: ReferenceBank, idx: np.ndarray, bits_w: np.ndarray,

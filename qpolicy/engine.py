@@ -25,7 +25,7 @@ import numpy as np
 
 from .banks import ReferenceBank, cache_dir
 from .bits import DEFAULT_BIT_CHOICES, check_bits, check_choices, to_index
-from .config import check
+from .config import check, is_int
 from .cost import CostModel
 from .denoiser import Denoiser, weights_hash
 from .io import atomic_write_bytes
@@ -361,6 +361,53 @@ def schedule_errors(engine: QuantEngine, keys: jax.Array, ref_traj: jax.Array, b
     """Per-step errors (S, B) of the quantized run vs ``ref_traj`` (S+1, B, ...) and the final samples."""
     traj = engine.trajectory(keys, bits_w, bits_a)
     return relative_error(traj[1:], ref_traj[1:]), traj[-1]
+
+
+def auto_chunk(chunk: int | None = None) -> int:
+    """Schedules (or image groups) per vmapped call: ``chunk`` if given, else 1 on CPU (a vmap over per-schedule
+    weights turns every conv into a grouped conv there, several times slower than a loop) and 16 on accelerators."""
+    if chunk is not None:
+        if not is_int(chunk) or int(chunk) < 1:
+            raise ValueError(f"chunk must be an integer >= 1 (schedules per vmapped call) or None (auto), "
+                             f"got {chunk!r}")
+        return int(chunk)
+    return 1 if jax.default_backend() == "cpu" else 16
+
+
+@functools.lru_cache(maxsize=16)
+def _grouped_errors_fn(engine: QuantEngine):
+    return jax.jit(jax.vmap(engine.errors_fn, in_axes=(0, 1, 0, 0)))
+
+
+def grouped_errors(engine: QuantEngine, bank: ReferenceBank, idx: np.ndarray, bits_w: np.ndarray,
+                   bits_a: np.ndarray, owners: Sequence[int] | None = None, *, chunk: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Each group of images under its own schedule: group g (bank indices ``idx[g]``, idx (G, B)) runs the
+    (S, L) bits of group ``owners[g]`` (default g) from ``bits_w``/``bits_a`` (G, S, L).
+
+    Returns per-step errors (S, G*B) and final samples (G*B, H, W, C), images in ``idx`` order. Groups run in
+    vmapped chunks on accelerators and one by one on CPU (:func:`auto_chunk`); bits are traced: one compile."""
+    idx = np.asarray(idx)
+    G, B = idx.shape
+    owners = np.arange(G) if owners is None else np.asarray(owners)
+    bw = np.asarray(bits_w, np.int32)[owners]
+    ba = np.asarray(bits_a, np.int32)[owners]
+    chunk = min(auto_chunk(chunk), G)
+    errs, samples = [], []
+    if chunk == 1:
+        for g in range(G):
+            e, x = engine.errors_fn(bank.keys[idx[g]], bank.traj[:, idx[g]], jnp.asarray(bw[g]), jnp.asarray(ba[g]))
+            errs.append(np.asarray(e))
+            samples.append(np.asarray(x))
+        return np.concatenate(errs, axis=1), np.concatenate(samples)
+    fn = _grouped_errors_fn(engine)
+    for s in range(0, G, chunk):
+        sel = np.arange(s, s + chunk).clip(max=G - 1)  # the last chunk repeats its last group: one compiled shape
+        m = min(chunk, G - s)
+        e, x = fn(bank.keys[idx[sel]], bank.traj[:, idx[sel]], jnp.asarray(bw[sel]), jnp.asarray(ba[sel]))
+        errs.append(np.asarray(e)[:m].transpose(1, 0, 2).reshape(engine.num_steps, m * B))  # (c, S, B) -> (S, c*B)
+        samples.append(np.asarray(x)[:m].reshape(m * B, *x.shape[2:]))
+    return np.concatenate(errs, axis=1), np.concatenate(samples)
 
 
 def evaluate_schedule(engine: QuantEngine, bank: ReferenceBank, bits_w: Any, bits_a: Any, *,

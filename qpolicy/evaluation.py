@@ -14,8 +14,10 @@ decisions for the learned one, scored schedules for searches) and ``search_secon
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +30,7 @@ from . import adaptivity
 from .banks import ReferenceBank, reference_bank
 from .bits import geometric_mean_schedule
 from .config import is_int
-from .engine import QuantEngine, evaluate_schedule
+from .engine import QuantEngine, evaluate_schedule, grouped_errors
 from .io import atomic_write_bytes, atomic_write_json, read_json
 from .runs import TRAIN_SUMMARY, RunConfig, load_run
 from .stats import mean_ci, paired_difference, verdict_text
@@ -152,13 +154,7 @@ def score_learned(s: Setup) -> tuple[Record, np.ndarray, np.ndarray, np.ndarray]
     bits_w (G, S, L), bits_a)."""
     eng, bank = s.engine, s.bank
     idx, bw_g, ba_g = policy_schedules(s.cfg, s.act, s.core, s.params)
-    errs, samples = [], []
-    for g in range(idx.shape[0]):
-        e, x = eng.errors_fn(bank.keys[idx[g]], bank.traj[:, idx[g]], jnp.asarray(bw_g[g], jnp.int32),
-                             jnp.asarray(ba_g[g], jnp.int32))
-        errs.append(np.asarray(e))
-        samples.append(np.asarray(x))
-    e = np.concatenate(errs, axis=1)
+    e, samples = grouped_errors(eng, bank, idx, bw_g, ba_g)
     cm = eng.cost_model()
     sums = [cm.summary(bw_g[g], ba_g[g]) for g in range(idx.shape[0])]
     row = {k: float(np.mean([x[k] for x in sums])) for k in sums[0]}
@@ -167,7 +163,7 @@ def score_learned(s: Setup) -> tuple[Record, np.ndarray, np.ndarray, np.ndarray]
                input_dependent=True, **learned_compute(s))
     mean_w = geometric_mean_schedule(bw_g, eng.qcfg.bit_choices)
     mean_a = geometric_mean_schedule(ba_g, eng.qcfg.bit_choices)
-    return Record(row, mean_w, mean_a, np.concatenate(samples), e), idx, bw_g, ba_g
+    return Record(row, mean_w, mean_a, samples, e), idx, bw_g, ba_g
 
 
 def _static_record(s: Setup, name: str, kind: str, bits_w: np.ndarray, bits_a: np.ndarray,
@@ -315,24 +311,49 @@ def evaluate_run(run_dir: str | Path, *, baselines: str = "all", budget: float |
         raise ValueError(f"baselines must be one of {BASELINE_SETS}, got {baselines!r}")
     if search_budget not in SEARCH_BUDGETS:
         raise ValueError(f"search_budget must be one of {SEARCH_BUDGETS}, got {search_budget!r}")
-    s = setup(run_dir, n, eval_seed)
-    learned, idx, bw_g, ba_g = score_learned(s)
-    records = [learned, score_mean_schedule(s, learned)]
+    clock = _StageClock()
+    with clock("setup"):
+        s = setup(run_dir, n, eval_seed)
+    with clock("learned"):
+        learned, idx, bw_g, ba_g = score_learned(s)
+        records = [learned, score_mean_schedule(s, learned)]
     budget = budget if budget is not None else (s.cfg.budget if s.cfg.budget is not None
                                                 else learned.row["bops_rel_fp32"])
     cap = None
     if search_budget == "equal":
         cap = max(1, learned.row["search_forwards"] // (TRAIN_BANK_IMAGES * s.engine.num_steps))
-    records += score_baselines(s, budget, baselines, progress=progress, max_evaluations=cap)
-    fd = add_fd(s, records, progress=progress) if with_fd else {"fd_fp": None, "fd_real_split": None}
+    with clock("baselines"):
+        records += score_baselines(s, budget, baselines, progress=progress, max_evaluations=cap)
+    with clock("fd"):
+        fd = add_fd(s, records, progress=progress) if with_fd else {"fd_fp": None, "fd_real_split": None}
     comparison = compare(records)
+    with clock("adaptivity"):
+        adapt = audit(s, records, idx, bw_g, ba_g, k=permutations)
     result = {"run": str(s.run_dir), "model": s.engine.den.name, "steps": s.engine.num_steps, "eval_n": s.n,
               "eval_seed": s.eval_seed, "budget": budget,
               "search_budget": {"mode": search_budget, "max_evaluations": cap,
-                                "learned_forwards": learned.row["search_forwards"]}, **fd, "policies": [r.row for r in records], **comparison,
-              "adaptivity": audit(s, records, idx, bw_g, ba_g, k=permutations)}
-    plots_bits_vs_input(s, idx, bw_g)
+                                "learned_forwards": learned.row["search_forwards"]}, **fd,
+              "policies": [r.row for r in records], **comparison, "adaptivity": adapt}
+    with clock("plots"):
+        plots_bits_vs_input(s, idx, bw_g)
+    result["stage_seconds"] = clock.seconds
+    result["device"] = str(jax.devices()[0].device_kind)
     return write_outputs(s, records, result)
+
+
+class _StageClock:
+    """Wall seconds per named stage of an evaluation (``stage_seconds`` in evaluation.json)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
 def plots_bits_vs_input(s: Setup, idx: np.ndarray, bw_g: np.ndarray) -> Path:
