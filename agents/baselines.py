@@ -166,7 +166,8 @@ def all_baselines(engine: QuantEngine, train_bank: ReferenceBank, budget: float,
     Sensitivity is measured once on the first ``sens_images`` train images and shared; each Baseline's info gets
     "seconds" (its build time; the ILP's includes the shared sensitivity measurement), "evaluations" and
     "forwards" (see the module docstring). max_evaluations: cap on the schedules each search scores (None:
-    uncapped; search_evolution gets max_evaluations // population - 1 generations); beam_kwargs: extra
+    uncapped; search_evolution gets the generations left after the sensitivity probes and the timestep schedules
+    it starts from, (max_evaluations - prior) // population - 1); beam_kwargs: extra
     search_beam arguments."""
     from tqdm.auto import tqdm
 
@@ -210,11 +211,14 @@ def all_baselines(engine: QuantEngine, train_bank: ReferenceBank, budget: float,
     if search:
         stage("search")
         kw = {"seed": seed, "chunk": chunk, "progress": progress, **(search_kwargs or {})}
-        if max_evaluations is not None:  # equal compute: (generations + 1) * population schedules
-            kw["generations"] = max(0, max_evaluations // kw.get("population", 8) - 1)
+        # it starts from the shared sensitivity table and the scored timestep schedules: charge both
+        prior = sinfo["forwards"] + (ts[0].info["forwards"] if ts else 0)
+        if max_evaluations is not None:  # equal compute: what is left after the prior work, in whole generations
+            left = max_evaluations - -(-prior // (train_bank.size * S))  # minus prior forwards, rounded up
+            kw["generations"] = max(0, left // kw.get("population", 8) - 1)
         evo = search_schedule(engine, train_bank, budget, sens=sens, init=ts, **kw)
-        # it starts from the shared sensitivity table: charge those probes too
-        evo.info.update(forwards=evo.info["forwards"] + sinfo["forwards"], sensitivity_forwards=sinfo["forwards"])
+        evo.info.update(forwards=evo.info["forwards"] + prior, sensitivity_forwards=sinfo["forwards"],
+                        init_forwards=prior - sinfo["forwards"])
         out.append(evo)
         bar.update(1)
         common = {"chunk": chunk, "progress": progress, "max_evaluations": max_evaluations}

@@ -75,7 +75,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _group_key(run: dict) -> str:
     cfg = {k: v for k, v in run["config"].items() if k not in NON_GROUPING_FIELDS}
-    return json.dumps({"config": cfg, "eval_n": run["evaluation"].get("eval_n")}, sort_keys=True, default=str)
+    ev = run["evaluation"]
+    return json.dumps({"config": cfg, "eval_n": ev.get("eval_n"), "eval_seed": ev.get("eval_seed"),
+                       "search_budget": (ev.get("search_budget") or {}).get("mode")}, sort_keys=True, default=str)
 
 
 def _short(v: Any) -> str:
@@ -138,6 +140,37 @@ def _finite(xs) -> list[float]:
     return [float(x) for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
 
 
+def _mean_or_none(xs) -> float | None:
+    v = _finite(xs)
+    return sum(v) / len(v) if v else None
+
+
+def summarize_adaptivity(runs: list[dict], seeds: list, *, level: float = 0.95) -> dict | None:
+    """The adaptivity audits of a group's runs (``evaluation["adaptivity"]``), seed by seed and over seeds: the
+    permutation gain (permuted − matched final error; > 0 means the schedules carry information about their
+    inputs), learned − own mean schedule, the oracle headroom (relative to the best static schedule), the share of
+    it the policy captured, and the learnable headroom's verdict. None when no run has an audit."""
+    per_seed = []
+    for s, r in zip(seeds, runs):
+        a = r["evaluation"].get("adaptivity")
+        if not a:
+            continue
+        vm, orc, lrn = a.get("vs_mean_schedule") or {}, a.get("oracle") or {}, a.get("learnable") or {}
+        lvs = lrn.get("vs_best_static") or {}
+        per_seed.append({"seed": s, "gain": a.get("gain"), "gain_ci": a.get("gain_ci"), "p_value": a.get("p_value"),
+                         "vs_mean_schedule": vm.get("mean_diff"), "vs_mean_schedule_ci": vm.get("ci"),
+                         "vs_mean_schedule_verdict": vm.get("verdict"),
+                         "headroom_rel": orc.get("headroom_rel"), "best_static": orc.get("best_static"),
+                         "captured": a.get("captured"), "learnable_rel": lvs.get("rel_diff"),
+                         "learnable_verdict": lvs.get("verdict")})
+    if not per_seed:
+        return None
+    over = {k: across_seeds(v, level=level) for k in ("gain", "vs_mean_schedule", "headroom_rel", "captured")
+            if (v := _finite(p[k] for p in per_seed))}
+    return {"per_seed": per_seed, "over_seeds": over,
+            "significant_gain_in": sum(1 for p in per_seed if p["gain_ci"] and p["gain_ci"][0] > 0)}
+
+
 def summarize_group(runs: list[dict], label: str, *, level: float = 0.95) -> dict:
     """One group's summary: per-policy means over seeds (final error with its across-seeds interval, BOPs),
     the learned policy per seed, and the paired comparisons per baseline over seeds."""
@@ -156,7 +189,9 @@ def summarize_group(runs: list[dict], label: str, *, level: float = 0.95) -> dic
             "name": name, "kind": present[0][1].get("kind", "baseline"), "n": len(fe), "seeds": [s for s, _ in present],
             "final_error": across_seeds(fe, level=level), "bops_rel_fp32": sum(bops) / len(bops),
             "bops_rel_fp32_ci": [min(bops), max(bops)],
-            "traj_error": (lambda t: sum(t) / len(t) if t else None)(_finite(p.get("traj_error") for _, p in present)),
+            "traj_error": _mean_or_none(p.get("traj_error") for _, p in present),
+            "search_forwards": _mean_or_none(p.get("search_forwards") for _, p in present),
+            "search_seconds": _mean_or_none(p.get("search_seconds") for _, p in present),
         })
     learned = []
     for s, r in zip(seeds, runs):
@@ -186,7 +221,9 @@ def summarize_group(runs: list[dict], label: str, *, level: float = 0.95) -> dic
                                                                              .items() if k not in NON_GROUPING_FIELDS},
             "eval_n": runs[0]["evaluation"].get("eval_n"), "n": len(runs), "seeds": seeds,
             "runs": [r["run_dir"] for r in runs], "policies": policies, "learned": learned,
-            "comparisons": list(comps.values()), "has_comparisons": bool(comps)}
+            "comparisons": list(comps.values()), "has_comparisons": bool(comps),
+            "eval_seed": runs[0]["evaluation"].get("eval_seed"), "search_budget": runs[0]["evaluation"].get("search_budget"),
+            "adaptivity": summarize_adaptivity(runs, seeds, level=level)}
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -220,14 +257,20 @@ def render_markdown(report: dict) -> str:
     for i, g in enumerate(report["groups"], 1):
         lines += [f"## Group {i}: {g['label']}", "",
                   f"config `{g['name']}`, agent {g['config'].get('agent', '—')}, {g['n']} seed(s): "
-                  f"{', '.join(map(str, g['seeds']))}; eval images {g['eval_n']}.", ""]
+                  f"{', '.join(map(str, g['seeds']))}; eval images {g['eval_n']}"
+                  + (f" (noise seed {g['eval_seed']})" if g.get("eval_seed") is not None else "")
+                  + (f"; searches capped at {sb['max_evaluations']} train-bank schedules (equal compute: the "
+                     f"learned run's {sb['learned_forwards']:,} training forwards)" if (sb := g.get("search_budget"))
+                     and sb.get("mode") == "equal" else "") + ".", ""]
         if len(set(map(str, g["seeds"]))) < len(g["seeds"]):
             lines += ["_Note: a seed appears more than once in this group (copies of one run?)._", ""]
-        lines += [f"| policy | kind | BOPs/FP32 | final error mean [{lvl} CI] over seeds | n seeds |",
-                  "|---|---|---:|---|---:|"]
+        lines += [f"| policy | kind | BOPs/FP32 | final error mean [{lvl} CI] over seeds | search forwards | "
+                  "search s | n seeds |", "|---|---|---:|---|---:|---:|---:|"]
         for p in g["policies"]:
             name = f"**{p['name']}**" if p["kind"] == "learned" else p["name"]
+            fw = p.get("search_forwards")
             lines.append(f"| {name} | {p['kind']} | {_num(p['bops_rel_fp32'], '.4f')} | {_mean_ci(p['final_error'])} "
+                         f"| {'—' if fw is None else format(round(fw), ',')} | {_num(p.get('search_seconds'), '.3g')} "
                          f"| {p['n']} |")
         lines += ["", "Learned policy per seed:", "",
                   "| seed | BOPs/FP32 | final error [CI over images] | best baseline at ≤ its cost | its final error "
@@ -257,8 +300,35 @@ def render_markdown(report: dict) -> str:
         else:
             lines.append("_No paired learned-vs-baseline comparisons (`comparisons`) in these evaluation.json files: "
                          "re-run `qpolicy evaluate` with a version that writes them._")
+        lines += render_adaptivity(g.get("adaptivity"), lvl)
         lines += ["", "Runs: " + ", ".join(f"`{r}`" for r in g["runs"]), ""]
     return "\n".join(lines)
+
+
+def render_adaptivity(a: dict | None, lvl: str) -> list[str]:
+    """The adaptivity audit of a group as Markdown lines (none without an audit)."""
+    if not a:
+        return []
+    over = a["over_seeds"]
+    lines = ["", "Adaptivity audit (does the input-dependent policy use its input?): permutation gain = final error "
+             "with other groups' schedules − with their own (> 0: the schedules fit their inputs); learned − its own "
+             "static mean schedule; oracle headroom = per image the best of the static schedules at ≤ the learned "
+             "cost vs the best single one (relative); captured = the learned gain over the best static / headroom; "
+             "learnable = a ridge predictor on x_T features picking the schedule, vs the best static (relative).", "",
+             "| seed | permutation gain [CI] | p | learned − mean schedule [CI] | oracle headroom | captured "
+             "| learnable |", "|---:|---|---:|---|---:|---:|---|"]
+    for p in a["per_seed"]:
+        gci, vci = p.get("gain_ci"), p.get("vs_mean_schedule_ci")
+        lines.append(f"| {p['seed']} | {_num(p['gain'], '.3g')}" + (f" [{_num(gci[0], '.3g')}, {_num(gci[1], '.3g')}]"
+                     if gci else "") + f" | {_num(p['p_value'], '.3g')} | {p.get('vs_mean_schedule_verdict') or '—'} "
+                     f"{_num(p['vs_mean_schedule'], '.3g')}" + (f" [{_num(vci[0], '.3g')}, {_num(vci[1], '.3g')}]"
+                     if vci else "") + f" | {_num(p['headroom_rel'], '.1%')} | {_num(p['captured'], '.2g')} | "
+                     f"{p.get('learnable_verdict') or '—'} {_num(p['learnable_rel'], '+.1%')} |")
+    lines += ["", f"Over seeds ({lvl} CI): permutation gain {_mean_ci(over.get('gain'), '.3g')} (significant in "
+              f"{a['significant_gain_in']}/{len(a['per_seed'])} seeds); learned − mean schedule "
+              f"{_mean_ci(over.get('vs_mean_schedule'), '.3g')}; oracle headroom {_mean_ci(over.get('headroom_rel'), '.1%')}; "
+              f"captured {_mean_ci(over.get('captured'), '.2g')}."]
+    return lines
 
 
 def pareto_rows(groups: list[dict]) -> list[dict]:
@@ -320,4 +390,4 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, level: 
 
 
 __all__ = ["NON_GROUPING_FIELDS", "build_report", "expand_runs", "load_run_result", "pareto_rows",
-           "render_markdown", "summarize_group"]
+           "render_adaptivity", "render_markdown", "summarize_adaptivity", "summarize_group"]

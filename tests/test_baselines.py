@@ -391,13 +391,15 @@ def test_all_baselines_new_searches_and_compute(tiny, all_bl):
     for b in all_bl:
         if b.name in NEW + ("search_evolution", "timestep_ramp_up"):
             # the evolution starts from the shared sensitivity table and is charged its probes too
-            extra = b.info.get("sensitivity_forwards", 0) if b.name == "search_evolution" else 0
+            extra = (b.info["sensitivity_forwards"] + b.info["init_forwards"]) if b.name == "search_evolution" else 0
             assert b.info["forwards"] == b.info["evaluations"] * bank.size * S + extra, b.name
             assert b.info["evaluations"] > 0, b.name
     by = {b.name: b for b in all_bl}
     ilp = by["sensitivity_ilp"].info
     assert ilp["forwards"] == ilp["sensitivity"]["probes"] * ilp["sensitivity"]["images"] * S
     assert by["search_evolution"].info["sensitivity_forwards"] == ilp["forwards"]
+    assert by["search_evolution"].info["init_forwards"] == by["timestep_ramp_up"].info["forwards"]
+
     fl = by["first_last_n"]
     assert (fl.bits_w == fl.info["base"]).all() and (fl.bits_a >= fl.bits_w).all()
     # the searches score schedules they report: check the beam's and bisection's claimed scores
@@ -427,3 +429,19 @@ def test_grouped_errors_chunks_match_the_loop(tiny):
     np.testing.assert_allclose(e1[:, :2], np.asarray(ref), rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="chunk"):
         grouped_errors(eng, bank, idx, bits, bits, chunk=0)
+
+
+def test_equal_compute_charges_the_evolution_its_starting_points(tiny, all_bl):
+    """Under max_evaluations every search, the evolution included (its sensitivity probes and the timestep
+    schedules it starts from counted), spends at most the cap in train-bank forwards."""
+    eng, bank = tiny
+    per = bank.size * eng.num_steps
+    evo = next(b for b in all_bl if b.name == "search_evolution").info
+    prior = -(-(evo["sensitivity_forwards"] + evo["init_forwards"]) // per)
+    cap = prior + 3 * 4  # room for the initial population and two generations of 4
+    capped = B.all_baselines(eng, bank, BUDGET, progress=False, search_kwargs={"population": 4},
+                             max_evaluations=cap)
+    by = {b.name: b.info for b in capped}
+    assert by["search_evolution"]["generations"] == 2
+    for name in ("search_evolution", *NEW):
+        assert 0 < by[name]["forwards"] <= cap * per, name

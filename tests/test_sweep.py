@@ -1,5 +1,6 @@
 """Sweeps (grid parsing, trials, Ray Tune) and reports over seeds (grouping, means with intervals, Markdown, plot)."""
 import json
+import os
 import math
 import sys
 from pathlib import Path
@@ -111,7 +112,8 @@ def _policy(name, kind, bops, fe):
             "input_dependent": name == "learned_ppo_jax"}
 
 
-def _fake_run(root, name, seed, fe_learned, fe_ilp, *, lam=3.0, comparisons=True, run_name="d16"):
+def _fake_run(root, name, seed, fe_learned, fe_ilp, *, lam=3.0, comparisons=True, run_name="d16", gain=0.002,
+              eval_seed=2000):
     d = root / name
     (d / "eval").mkdir(parents=True)
     cfg = {"name": run_name, "agent": "ppo_jax", "env": {"model": "digits16", "num_steps": 10, "lam": lam},
@@ -124,7 +126,11 @@ def _fake_run(root, name, seed, fe_learned, fe_ilp, *, lam=3.0, comparisons=True
                        _policy("sensitivity_ilp", "baseline", 0.020, fe_ilp)],
           "best_baseline_at_matched_cost": {"name": "sensitivity_ilp", "final_error": fe_ilp,
                                             "bops_rel_fp32": 0.02},
-          "learned_beats_best_baseline": fe_learned < fe_ilp}
+          "learned_beats_best_baseline": fe_learned < fe_ilp, "eval_seed": eval_seed,
+          "adaptivity": {"gain": gain, "gain_ci": [gain - 0.001, gain + 0.001], "p_value": 0.01 if gain > 0.001 else 0.5,
+                         "vs_mean_schedule": {"mean_diff": -0.1 * fe_learned, "ci": [-0.2, 0.0], "verdict": "better"},
+                         "oracle": {"headroom_rel": 0.5, "best_static": "sensitivity_ilp"}, "captured": 0.2,
+                         "learnable": {"vs_best_static": {"rel_diff": 0.1, "verdict": "worse"}}}}
     if comparisons:
         diff = fe_learned - fe_ilp
         ev["comparisons"] = [{"baseline": "sensitivity_ilp", "verdict": "better" if diff < 0 else "worse",
@@ -157,11 +163,21 @@ def test_report_groups_seeds_and_averages(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| **learned_ppo_jax** | learned | 0.0205 | 0.012 [" in md and "| 2 |" in md
     assert "better 1/2, worse 1/2" in md
+    ad = g["adaptivity"]  # the adaptivity audits, seed by seed and over seeds
+    assert [p["seed"] for p in ad["per_seed"]] == [0, 1] and ad["significant_gain_in"] == 2
+    assert ad["over_seeds"]["gain"]["mean"] == pytest.approx(0.002)
+    assert ad["over_seeds"]["vs_mean_schedule"]["mean"] == pytest.approx(-0.0012)
+    assert "Adaptivity audit" in md and "significant in 2/2 seeds" in md and "| 0 | 0.002 [0.001, 0.003] | 0.01 |" in md
     png = (tmp_path / "rep" / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "rep" / "report.json").read_text()) == json.loads(json.dumps(rep))
     # a folder of runs stands for the runs in it; another lam is another group, labelled by what differs
     _fake_run(runs, "c", 0, 0.02, 0.03, lam=1.0, comparisons=False)
+    _fake_run(runs, "d", 2, 0.02, 0.03, eval_seed=5000)  # another noise stream: not a seed of group lam=3
+    rep = build_report([runs], tmp_path / "rep2")
+    assert sorted(g["n"] for g in rep["groups"]) == [1, 1, 2]
+    assert {g["eval_seed"] for g in rep["groups"]} == {2000, 5000}
+    os.remove(runs / "d" / "config.yaml")
     rep = build_report([runs], tmp_path / "rep2")
     assert [(g["label"], g["n"]) for g in rep["groups"]] == [("env.lam=1", 1), ("env.lam=3", 2)]
     md = (tmp_path / "rep2" / "report.md").read_text()
