@@ -28,7 +28,7 @@ from .bits import DEFAULT_BIT_CHOICES, check_bits, check_choices, to_index
 from .config import check
 from .cost import CostModel
 from .denoiser import Denoiser, weights_hash
-from .io import atomic_write_bytes
+from .io import read_cache, write_cache
 from .diffusion import Sampler, image_noise, make_sampler, sampler_step
 from .layers import activation_interceptor, map_layer_weights, path_tuple
 from .ptq import CLIP_GRID, input_means, input_splits, static_act_ranges, weight_clip_ratios
@@ -205,8 +205,9 @@ class QuantEngine:
         tag = hashlib.sha256(repr((spec, self.qcfg.bit_choices, CLIP_GRID, sorted(self.input_splits.items()),
                                    self.den.layer_hash)).encode()).hexdigest()[:12]
         path = cache_dir() / "clip" / f"{self.den.name}_{weights_hash(self.den)}_{tag}.npz"
-        if path.exists():
-            with np.load(path) as z:
+        got = read_cache(path, key=path.stem)
+        if got is not None:
+            with np.load(io.BytesIO(got[0])) as z:
                 return {tuple(json.loads(k)): jnp.asarray(z[k]) for k in z.files}
         out = {}
         for lay in self.den.layers:
@@ -221,7 +222,7 @@ class QuantEngine:
                     out[(lay.index, name, j)] = weight_clip_ratios(p, spec, self.qcfg.bit_choices)
         buf = io.BytesIO()
         np.savez(buf, **{json.dumps(list(k)): np.asarray(v) for k, v in out.items()})
-        atomic_write_bytes(path, buf.getvalue())
+        write_cache(path, buf.getvalue(), key=path.stem)
         return out
 
     def quantize_weight(self, l: int, w: jax.Array, bits: jax.Array, name: str = "kernel") -> jax.Array:
