@@ -32,7 +32,9 @@ def _check_n(den, n: int, steps: int, *, flag: str = "--n") -> int:
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=float))
+    from .io import dumps
+
+    print(dumps(obj, indent=2))
 
 
 # ----------------------------------------------------------------------------- denoiser
@@ -91,6 +93,8 @@ def cmd_layers(a) -> int:
 
 
 def cmd_quantize(a) -> int:
+    import numpy as np
+
     from .banks import reference_bank
     from .engine import evaluate_schedule
 
@@ -99,7 +103,11 @@ def cmd_quantize(a) -> int:
     bank = reference_bank(eng, a.bank, a.n, progress=True)
     res = evaluate_schedule(eng, bank, *bits, with_fd=not a.no_fd)
     res.pop("samples"), res.pop("errors")
-    res = {"model": den.name, "sampler": eng.sampler.kind, "act_ranges": a.act_ranges, "preset": eng.qcfg.preset,
+    bad = [k for k, v in res.items() if isinstance(v, float) and not np.isfinite(v)]
+    if bad:
+        raise ValueError(f"the quantized sampler gave non-finite {', '.join(bad)} ({eng.qcfg.preset}, "
+                         f"{eng.qcfg.act_ranges} ranges): the bits or the model overflow")
+    res = {"model": den.name, "sampler": eng.sampler.kind, "act_ranges": eng.qcfg.act_ranges, "preset": eng.qcfg.preset,
            **res}
     if a.json:
         _print_json(res)
@@ -115,17 +123,34 @@ def _engine_for(a):
     from .denoiser import load_denoiser
     from .engine import make_engine, quant_config, uniform_bits
 
+    from .bits import check_bits
+
+    qcfg = quant_config(a.preset or "ptq", act_ranges=a.act_ranges or "dynamic")
+    if not a.schedule:
+        if a.w is None or a.a is None:
+            raise ValueError("give --w and --a (uniform bits), or --schedule FILE")
+        check_bits(a.w, qcfg.bit_choices, field="--w")
+        check_bits(a.a, qcfg.bit_choices, field="--a")
     den = load_denoiser(a.model)
-    qcfg = quant_config(a.preset, act_ranges=a.act_ranges)
     if a.schedule:
+        from .diffusion import make_sampler
+        from .engine import quant_config_from_block
         from .schedule import load_schedule_for, read_bits_file
 
+        if a.w is not None or a.a is not None:
+            raise ValueError("give either --w/--a (uniform bits) or --schedule FILE, not both")
         steps = read_bits_file(a.schedule, L=len(den.layers))[0].shape[0]  # the schedule fixes T
-        eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=qcfg)
-        sched = load_schedule_for(a.schedule, den, eng.sampler)
+        sched = load_schedule_for(a.schedule, den, make_sampler(den.schedule, a.sampler, steps),
+                                  quantizer=qcfg.quantizer_block())
+        # the schedule runs under the quantizer block it records; a flag that contradicts the block is refused
+        sq = quant_config_from_block(sched.quantizer, bit_choices=sched.bit_choices, source=str(a.schedule))
+        for flag, mine, theirs in (("--preset", a.preset, sq.preset), ("--act-ranges", a.act_ranges,
+                                                                        sq.act_ranges)):
+            if mine is not None and mine != theirs:
+                raise ValueError(f"{flag} {mine} contradicts the schedule's quantizer block ({theirs}) in "
+                                 f"{a.schedule}: drop {flag} to use the schedule's quantizer")
+        eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=sq)
         return den, eng, (sched.bits_w, sched.bits_a)
-    if a.w is None or a.a is None:
-        raise ValueError("give --w and --a (uniform bits), or --schedule FILE")
     eng = make_engine(den, steps=a.steps, sampler=a.sampler, qcfg=qcfg)
     return den, eng, uniform_bits(eng, a.w, a.a)
 
@@ -306,7 +331,7 @@ def run_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .export import FORMATS
 
-    p = argparse.ArgumentParser(prog="qpolicy", description=__doc__)
+    p = _Parser(prog="qpolicy", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -353,10 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--n", type=_int_at_least(1), default=n_default, help="images")
         q.add_argument("--steps", type=_int_at_least(1), default=10, help="sampler steps (ignored with --schedule)")
         q.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="sampler")
-        q.add_argument("--act-ranges", default="dynamic", choices=("dynamic", "static"), help="activation ranges")
-        q.add_argument("--preset", default="ptq", choices=tuple(QUANT_PRESETS),
-                       help="quantizer: ptq (default: shortcut splitting, bias correction, weight clipping search) "
-                            "or plain (none of them)")
+        q.add_argument("--act-ranges", default=None, choices=("dynamic", "static"),
+                       help="activation ranges (default: dynamic, or the schedule's)")
+        q.add_argument("--preset", default=None, choices=tuple(QUANT_PRESETS),
+                       help="quantizer: ptq (shortcut splitting, bias correction, weight clipping search) or plain "
+                            "(none of them) (default: ptq, or the schedule's quantizer block)")
         q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank")
         q.add_argument("--json", action="store_true", help="print JSON")
 
@@ -443,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
     _show_defaults(p)
     return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (exit 2) that names the flag; ``--help`` shows the rest."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):

@@ -16,7 +16,7 @@ import functools
 import hashlib
 import io
 import json
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -116,6 +116,22 @@ def quant_config(preset: str = "ptq", **fields: Any) -> QuantConfig:
     if preset not in QUANT_PRESETS:
         raise ValueError(f"quantizer preset must be one of {tuple(QUANT_PRESETS)}, got {preset!r}")
     return QuantConfig(**{**QUANT_PRESETS[preset], **fields})
+
+
+def quant_config_from_block(block: Mapping[str, Any], *, bit_choices: Sequence[int] = DEFAULT_BIT_CHOICES,
+                            source: str = "schedule") -> QuantConfig:
+    """The QuantConfig a schedule's ``quantizer`` block describes (specs, range mode, PTQ switches), so the
+    schedule runs under the quantizer it was made for. ValueError naming ``source`` for a block it cannot hold."""
+    from .schedule import quant_spec_from
+
+    try:
+        return QuantConfig(w_spec=quant_spec_from(block["weights"]), a_spec=quant_spec_from(block["activations"],
+                                                                                            "quantizer.activations"),
+                           act_ranges=block["act_ranges"], bit_choices=tuple(bit_choices),
+                           **{k: block[k] for k in PTQ_FIELDS if k in block})
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{source}: quantizer block lacks or mistypes {e}; accepted keys: weights, activations, "
+                         f"act_ranges, {', '.join(PTQ_FIELDS)}") from None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -320,6 +320,11 @@ def evaluate_run(run_dir: str | Path, *, baselines: str = "all", budget: float |
         raise ValueError(f"search_budget must be one of {SEARCH_BUDGETS}, got {search_budget!r}")
     check("budget", budget, kind="real", lo=0, lo_open=True, hi=1, optional=True)
     check("permutations", permutations, kind="int", lo=1)
+    check("n", n, kind="int", lo=1, optional=True)
+    if eval_seed is not None:
+        from .banks import check_eval_seed
+
+        check_eval_seed(eval_seed)
     done = Path(run_dir) / "eval" / "evaluation.json"
     if not overwrite and done.exists():
         raise ValueError(f"{Path(run_dir)} already has an evaluation ({done}); pass --force to overwrite it")

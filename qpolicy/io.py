@@ -72,8 +72,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) as None, so its JSON is standard (null, never bare NaN)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "dtype") and getattr(obj, "shape", None) == () and obj.dtype.kind in "fiub":
+        return finite_json(obj.item())
+    return obj
+
+
+def dumps(obj: Any, *, indent: int | None = None) -> str:
+    """Standard JSON of ``obj`` (non-finite floats as null; numpy scalars as numbers)."""
+    return json.dumps(finite_json(obj), indent=indent, allow_nan=False, default=float)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+    return atomic_write_text(path, dumps(obj, indent=indent) + "\n")
 
 
 def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .io import dumps
+
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -39,7 +41,7 @@ class Tracker:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": int(step), **{k: float(v) if hasattr(v, "__float__") else v for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.write(dumps(row) + "\n")
         self._jsonl.flush()
         if self._wandb is not None:
             self._wandb.log(row, step=int(step))
@@ -78,5 +80,5 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     keep = [r for r in rows if r["step"] <= step]
     n_lines = len(p.read_text().splitlines())
     if len(keep) != n_lines:
-        atomic_write_text(p, "".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(p, "".join(dumps(r) + "\n" for r in keep))
     return n_lines - len(keep)

@@ -112,7 +112,7 @@ def _check_resume(out: Path, cfg: TrainConfig) -> None:
     train = meta.get("train", {}) if isinstance(meta, dict) else {}
     found = train.get("fingerprint") if isinstance(train, dict) else None
     if found is not None and found != cfg.fingerprint():
-        old = {k: train.get(k) for k in ("preset", "batch_size", "lr", "ema_decay", "seed")}
+        old = {k: train[k] for k in ("preset", "batch_size", "lr", "ema_decay", "seed") if k in train}
         changed = config_diff(old, {k: getattr(cfg, k) for k in old})
         raise ValueError(f"out={str(out)!r} holds a training run of another config (fingerprint {found}, this "
                          f"config {cfg.fingerprint()}{'; changed: ' + ', '.join(changed) if changed else ''}); "
@@ -133,6 +133,8 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
 
     check_writable_target(cfg.out, what="out")
     with locked(cfg.out, what="denoiser folder"):
+        if (Path(cfg.out) / "train_state.msgpack").exists():
+            _check_resume(Path(cfg.out), cfg)  # before any work
         return _train_denoiser(cfg, progress=progress)
 
 
@@ -162,7 +164,6 @@ def _train_denoiser(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
     out = Path(cfg.out)
     resume_file = out / "train_state.msgpack"
     if resume_file.exists():
-        _check_resume(out, cfg)
         restored = load_pytree(resume_file, what="training state")
         try:
             state = flax.serialization.from_state_dict(state, restored)
