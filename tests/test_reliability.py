@@ -169,3 +169,22 @@ def test_truncate_metrics_keeps_rows_up_to_the_checkpoint(tmp_path):
     assert truncate_metrics(f, 20) == 3
     assert [r["step"] for r in read_metrics(f)] == [10, 20]
     assert truncate_metrics(f, 20) == 0
+
+
+@pytest.mark.slow
+def test_make_vec_env_with_sb3_ppo_trains(tiny_ckpt):
+    """The standard SB3 recipe (make_vec_env asks for render_mode='rgb_array') works with both env ids."""
+    import gymnasium
+
+    import qpolicy.envs  # noqa: F401 - registers the env ids
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    kw = {"model": str(tiny_ckpt), "num_steps": 2, "images_per_env": 1, "bank_size": 2, "bit_choices": [4, 8],
+          "quant_preset": "plain"}
+    venv = make_vec_env("qpolicy/QuantDiffusion-v0", n_envs=2, env_kwargs=kw)
+    agent = PPO("MlpPolicy", venv, n_steps=4, batch_size=8, n_epochs=1, device="cpu", seed=0).learn(16)
+    assert agent.num_timesteps == 16
+    assert venv.envs[0].unwrapped.render_mode == "rgb_array"  # what make_vec_env asks for
+    lw = gymnasium.make("qpolicy/QuantDiffusionLayerwise-v0", **kw)
+    assert lw.unwrapped.core.config.num_steps == 2
