@@ -129,7 +129,7 @@ CLI_CASES = [
     ("train-set-no-equals", T + ["--set", "lam"], r"override 'lam' must look like key=value"),
     ("train-set-unknown-env", T + ["--set", "env.bogus=1"], r"unknown env fields \['bogus'\]; accepted: \["),
     ("train-set-unknown-field", T + ["--set", "totl_timesteps=5"], r"unknown config fields \['totl_timesteps'\]"),
-    ("train-set-not-mapping", T + ["--set", "seed.x=1"], r"seed must be an integer >= 0, got \{'x': 1\}"),
+    ("train-set-not-mapping", T + ["--set", "seed.x=1"], r"seed must be an integer >= 0, got .'x': 1."),
     ("train-agent", T + ["--set", "agent=dqn"], r"agent must be one of \('ppo', 'a2c', 'sac', 'ppo_jax'\)"),
     ("train-total-0", T + ["--total-timesteps", "0"], r"total_timesteps must be an integer >= 1, got 0"),
     ("train-num-envs-0", T + ["--set", "num_envs=0"], r"num_envs must be an integer >= 1"),
@@ -346,6 +346,7 @@ def test_bad_cache_files_are_named_removed_and_recomputed(world, tmp_path):
     from qpolicy.engine import make_engine, quant_config
 
     eng = make_engine(load_denoiser(world["ck"]), steps=2, qcfg=quant_config("plain"))
+    banks.clear_memory_cache()  # this test's own disk cache (QPOLICY_CACHE) must be written
     good = np.asarray(banks.reference_bank(eng, "train", 2).traj)
     path = next((banks.cache_dir() / "refs").glob("*train2*.npy"))
     other = np.asarray(banks.reference_bank(eng, "eval", 2).traj)
