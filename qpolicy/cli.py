@@ -75,6 +75,9 @@ def cmd_denoiser_eval(a) -> int:
            **sample_quality(x, den.dataset, with_train=True)}
     _print_json(res) if a.json else print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in res.items()))
+    if not a.json and isinstance(res.get("kid"), float) and res["kid"] < 0:
+        print("note: kid is an unbiased estimate (MMD², polynomial kernel); a value below 0 means no measurable "
+              "difference from the real images at this sample size")
     return 0
 
 

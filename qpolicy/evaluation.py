@@ -280,7 +280,7 @@ def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
     atomic_write_bytes(out_dir / "schedules.npz", buf.getvalue())
     plots.pareto(result["policies"], out_dir / "pareto.png", title=f"{eng.den.name}: cost vs final error")
     plots.bit_heatmaps([(r.row["name"], r.bits_w, r.bits_a) for r in records], [l.path for l in eng.den.layers],
-                       out_dir / "bits_heatmaps.png")
+                       out_dir / "bits_heatmaps.png", choices=eng.qcfg.bit_choices)
     plots.fp_vs_quantized(np.asarray(s.bank.traj[-1][:32]), records[0].samples[:32],
                           out_dir / "samples_fp_vs_learned.png")
     mean = records[1]
