@@ -119,10 +119,22 @@ def validate(cfg: RunConfig) -> None:
         from qpolicy.agents.sb3 import check_sb3_kwargs
 
         check_sb3_kwargs(cfg)
+    from .config import check_memory
     from .denoiser import resolve_model_dir
+    from .io import read_json
     from qpolicy.envs import EnvConfig
 
-    resolve_model_dir(EnvConfig(**cfg.env).model)
+    env = EnvConfig(**cfg.env)
+    if not isinstance(env.model, (str, Path)):
+        return  # a Denoiser object (Python API)
+    meta = read_json(resolve_model_dir(env.model) / "meta.json", what="checkpoint metadata")
+    shape = meta.get("image_shape") if isinstance(meta, dict) else None
+    if isinstance(shape, list) and shape and all(isinstance(v, int) for v in shape):
+        image = int(np.prod(shape)) * 4
+        # the FP reference bank holds every state of every image; the envs hold their images' current states
+        check_memory("env.bank_size", env.bank_size, image * (env.num_steps + 1), what="reference images")
+        check_memory("num_envs x env.images_per_env", cfg.num_envs * env.images_per_env, image * 4,
+                     what="env images")
 
 
 def _ppo_config(cfg: RunConfig):
