@@ -1,8 +1,9 @@
 """Training runs: the run config, launching (SB3 agents via :mod:`qpolicy.agents.sb3`, JAX PPO), loading a trained
 policy, and exporting its schedule. Evaluation against the baselines lives in :mod:`qpolicy.evaluation`.
 
-A run directory holds ``config.yaml`` (the resolved :class:`RunConfig`), ``metrics.jsonl``,
-``checkpoints/`` (periodic, SB3), ``policy.zip`` (SB3) or ``policy/`` (JAX PPO: msgpack + json),
+A run directory holds ``config.yaml`` (the resolved :class:`RunConfig` and its ``fingerprint``), ``metrics.jsonl``,
+``checkpoints/`` (periodic: SB3 zips, JAX PPO runner states), ``policy.zip`` (SB3) or ``policy/`` (JAX PPO: msgpack
++ json), ``.qpolicy.lock`` (the writer's lock, see :mod:`qpolicy.rundir`),
 ``wandb/`` (offline unless asked) and, after evaluation, ``eval/`` (evaluation.json, plots, schedules).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 
 from .config import check
 from .io import atomic_write_json, atomic_write_text
-from .rundir import check_fingerprint, config_diff, fingerprint, locked
+from .rundir import check_fingerprint, check_writable_target, config_diff, fingerprint, locked
 from .tracking import WANDB_MODES, Tracker
 
 AGENTS = ("ppo", "a2c", "sac", "ppo_jax")
@@ -220,8 +221,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     metrics.jsonl truncated to it. Returns a summary."""
     run_dir = Path(run_dir)
     validate(cfg)
-    from .rundir import check_writable_target
-
     check_writable_target(run_dir, what="run directory")
     with locked(run_dir):
         _check_reuse(run_dir, cfg)
@@ -335,8 +334,6 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
     next to a JSON export."""
     from qpolicy.export import export
     from qpolicy.schedule import BitSchedule
-
-    from .rundir import check_writable_target
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
