@@ -119,8 +119,10 @@ CLI_CASES = [
      r"--w = 7 is not an accepted bitwidth: bits 7 not in the accepted choice set \(2, 3, 4, 5, 6, 8, 16, 32\)"),
     ("quantize-schedule-missing", Q + ["--schedule", f"{R}/none.json"], r"not found: .*none.json"),
     ("quantize-schedule-bad-json", Q + ["--schedule", f"{R}/bad.json"], r"bad.json.* not valid JSON"),
-    ("quantize-schedule-shape", Q + ["--schedule", f"{R}/shape.json"], r"shape.json: bits_w has shape 1 x 1; expected T x \d+ \(sampler steps x model layers\)"),
-    ("quantize-schedule-and-bits", Q + ["--schedule", f"{R}/shape.json", "--w", "8"], r"give either --w/--a \(uniform bits\) or --schedule FILE, not both"),
+    ("quantize-schedule-shape", Q + ["--schedule", f"{R}/shape.json"],
+     r"shape.json: bits_w has shape 1 x 1; expected T x \d+ \(sampler steps x model layers\)"),
+    ("quantize-schedule-and-bits", Q + ["--schedule", f"{R}/shape.json", "--w", "8"],
+     r"give either --w/--a \(uniform bits\) or --schedule FILE, not both"),
     # run configs
     ("train-missing-config", ["train", "--config", f"{R}/none.yaml"], r"config file not found: .*none.yaml"),
     ("train-bad-yaml", ["train", "--config", f"{R}/bad.yaml"], r"config .*bad.yaml is not valid YAML"),
