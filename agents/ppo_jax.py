@@ -45,7 +45,7 @@ from qpolicy.config import check, is_int
 from qpolicy.envs.spaces import heads
 from qpolicy.io import atomic_write_json, load_pytree, read_json, save_pytree
 
-__all__ = ["PPOConfig", "ActorCritic", "PPOTrainer", "PPOResult", "make_train", "train", "policy_fn",
+__all__ = ["PPOConfig", "ActorCritic", "PPOTrainer", "PPOResult", "Checkpointer", "make_train", "train", "policy_fn",
            "core_meta", "save_policy", "load_policy"]
 
 POLICY_FORMAT = "qpolicy.ppo_jax"
@@ -466,13 +466,89 @@ def _chunk_size(num_updates: int, target_chunks: int) -> int:
     return max(d for d in range(1, cap + 1) if num_updates % d == 0)
 
 
+class Checkpointer:
+    """Periodic checkpoints of a PPO run (all seeds' params, optimizer states, env states, observations, episode
+    returns, RNG and the update index) in ``folder``: ``ppo_<update>.msgpack`` + ``ppo_<update>.json`` (update,
+    fingerprint), each written atomically, JSON last; only the latest is kept. Resuming from one continues the
+    run bit-exactly (same chunks, same compiled update).
+
+    every: updates between checkpoints (rounded up to whole chunks); fingerprint: the run config's, checked on
+    restore."""
+
+    def __init__(self, folder: str | Path, every: int, fingerprint: str | None = None):
+        self.folder, self.every, self.fingerprint = Path(folder), max(int(every), 1), fingerprint
+        self.last = 0
+
+    def latest(self) -> Path | None:
+        found = sorted(self.folder.glob("ppo_*.json"))
+        return found[-1] if found else None
+
+    def _meta(self, meta_file: Path) -> dict:
+        meta = read_json(meta_file, what="PPO checkpoint metadata")
+        if not isinstance(meta, dict) or not is_int(meta.get("update")):
+            raise ValueError(f"{meta_file} is not a PPO checkpoint record (needs an integer 'update'); delete "
+                             f"{self.folder} to start over")
+        return meta
+
+    def latest_update(self) -> int | None:
+        """The update index of the latest checkpoint (None when there is none)."""
+        f = self.latest()
+        return None if f is None else int(self._meta(f)["update"])
+
+    def restore(self, template: Any) -> tuple[Any, int]:
+        """(runner, update) from the latest checkpoint, or (template, 0) when there is none."""
+        meta_file = self.latest()
+        if meta_file is None:
+            return template, 0
+        from qpolicy.rundir import check_fingerprint
+
+        meta = self._meta(meta_file)
+        check_fingerprint(meta.get("fingerprint"), self.fingerprint or meta.get("fingerprint"),
+                          what=f"checkpoint {meta_file.name}", where=self.folder)
+        raw = load_pytree(meta_file.with_suffix(".msgpack"), what="PPO checkpoint")
+        leaves, treedef = jax.tree_util.tree_flatten(template)
+        got = [raw.get(str(i)) for i in range(len(leaves))] if isinstance(raw, dict) else []
+        out = []
+        for i, (t, g) in enumerate(zip(leaves, got)):
+            is_key = jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
+            want = jax.random.key_data(t).shape if is_key else t.shape
+            if g is None or tuple(np.shape(g)) != tuple(want):
+                raise ValueError(f"{meta_file.with_suffix('.msgpack')} does not match this run (leaf {i}: "
+                                 f"{None if g is None else np.shape(g)} vs {tuple(want)}); delete "
+                                 f"{self.folder} to start over")
+            out.append(jax.random.wrap_key_data(jnp.asarray(g), impl=jax.random.key_impl(t)) if is_key
+                       else jnp.asarray(g, t.dtype))
+        if len(got) != len(leaves):
+            raise ValueError(f"{meta_file.with_suffix('.msgpack')} does not match this run; delete {self.folder}")
+        self.last = int(meta["update"])
+        return jax.tree_util.tree_unflatten(treedef, out), self.last
+
+    def maybe_save(self, runner: Any, update: int, *, final: bool = False) -> Path | None:
+        if not final and update - self.last < self.every:
+            return None
+        host = [np.asarray(jax.random.key_data(x)) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                else np.asarray(x) for x in jax.tree_util.tree_leaves(runner)]
+        name = self.folder / f"ppo_{update:08d}"
+        old = list(self.folder.glob("ppo_*"))
+        save_pytree(name.with_suffix(".msgpack"), {str(i): x for i, x in enumerate(host)})
+        atomic_write_json(name.with_suffix(".json"), {"update": int(update), "fingerprint": self.fingerprint})
+        for f in old:  # keep only the newest (written first, so a kill leaves at least one complete checkpoint)
+            if f.stem != name.name:
+                f.unlink(missing_ok=True)
+        self.last = update
+        return name
+
+
 def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool = True,
-          num_chunks: int = 20) -> PPOResult:
+          num_chunks: int = 20, checkpoint: Checkpointer | None = None,
+          on_chunk: Callable[[dict, int], None] | None = None) -> PPOResult:
     """Train ``cfg.num_seeds`` seeds (vmapped) on ``core``; returns a :class:`PPOResult`.
 
     The run is split into equal chunks of updates (about ``num_chunks``; each chunk a jitted, vmapped
     ``lax.scan`` of the update, compiled once ahead of time) so a tqdm bar can report progress and env steps/s.
-    env_params defaults to ``core.default_params``."""
+    env_params defaults to ``core.default_params``. ``checkpoint`` resumes from its latest checkpoint and saves
+    periodically (a resumed result's metrics cover the updates run after the checkpoint);
+    ``on_chunk(metrics {name: (num_seeds, chunk)}, first_update)`` is called after every chunk."""
     if not isinstance(cfg, PPOConfig):
         raise ValueError(f"cfg must be a PPOConfig, got {type(cfg).__name__}")
     if not is_int(num_chunks) or num_chunks < 1:
@@ -497,6 +573,12 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
         init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
         run = jax.jit(jax.vmap(lambda r, p: trainer.run(r, p, chunk), in_axes=(0, None)), donate_argnums=0)
     runner = init(keys, env_params)
+    start = 0
+    if checkpoint is not None:
+        runner, start = checkpoint.restore(runner)
+        if start % chunk or start > n_up:
+            raise ValueError(f"checkpoint at update {start} does not fit this run ({n_up} updates in chunks of "
+                             f"{chunk}); delete {checkpoint.folder} to start over")
     run_c = run.lower(runner, env_params).compile()
     jax.block_until_ready(runner)
     compile_s = time.perf_counter() - t0
@@ -507,12 +589,16 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n_up, desc="ppo", unit="upd", dynamic_ncols=True)
+        bar = tqdm(total=n_up, initial=start, desc="ppo", unit="upd", dynamic_ncols=True)
     try:
-        for _ in range(n_up // chunk):
+        for c in range(start // chunk, n_up // chunk):
             runner, m = run_c(runner, env_params)
             m = jax.device_get(m)
             chunks_metrics.append(m)
+            if on_chunk is not None:
+                on_chunk(m, c * chunk)
+            if checkpoint is not None:
+                checkpoint.maybe_save(runner, (c + 1) * chunk, final=(c + 1) * chunk == n_up)
             if bar is not None:
                 el = time.perf_counter() - t_run
                 done_steps = len(chunks_metrics) * steps_per_chunk
@@ -526,8 +612,11 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
             bar.close()
     jax.block_until_ready(runner)
     run_s = time.perf_counter() - t_run
-    metrics = {k: np.concatenate([np.asarray(m[k]) for m in chunks_metrics], axis=1) for k in chunks_metrics[0]}
-    total_steps = n_up * cfg.batch_size * cfg.num_seeds
+    if chunks_metrics:
+        metrics = {k: np.concatenate([np.asarray(m[k]) for m in chunks_metrics], axis=1) for k in chunks_metrics[0]}
+    else:  # resumed from the final checkpoint: nothing left to run
+        metrics = {}
+    total_steps = (n_up - start) * cfg.batch_size * cfg.num_seeds
     return PPOResult(params=jax.device_get(runner.params), metrics=metrics, config=cfg,
                      env_steps_per_s=total_steps / max(run_s, 1e-9), wall_s=time.perf_counter() - t0,
                      compile_s=compile_s, trace_counts=dict(trainer.trace_counts))

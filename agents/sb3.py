@@ -81,27 +81,47 @@ class ProgressCallback:
                     self.done_stats.append((self.ret[i], infos[i]["error"], infos[i]["cost"]))
                     self.ret[i] = 0
                 self.bar.update(self.training_env.num_envs)
-                if self.num_timesteps - self.last_ckpt >= self.every:
-                    self.last_ckpt = self.num_timesteps
-                    save_sb3(self.model, self.run_dir / "checkpoints" / f"step_{self.num_timesteps:09d}.zip")
                 return True
 
             def _on_rollout_end(self):
-                if not self.done_stats:
-                    return
-                r, e, c = np.mean(self.done_stats, axis=0)
-                self.done_stats = []
-                self.bar.set_postfix(ret=f"{r:.3f}", err=f"{e:.3g}", cost=f"{c:.4f}")
-                self.tracker.log({"episode_return": r, "final_error": e, "cost": c}, self.num_timesteps)
+                # log, then checkpoint at the same step: a run resumed from this checkpoint keeps exactly the rows
+                # logged up to it (metrics.jsonl is truncated to the checkpoint's step on resume)
+                if self.done_stats:
+                    r, e, c = np.mean(self.done_stats, axis=0)
+                    self.done_stats = []
+                    self.bar.set_postfix(ret=f"{r:.3f}", err=f"{e:.3g}", cost=f"{c:.4f}")
+                    self.tracker.log({"episode_return": r, "final_error": e, "cost": c}, self.num_timesteps)
+                if self.num_timesteps - self.last_ckpt >= self.every:
+                    self.last_ckpt = self.num_timesteps
+                    save_sb3(self.model, self.run_dir / "checkpoints" / f"step_{self.num_timesteps:09d}.zip")
 
         return CB(*a, **k)
 
 
+#: attribute of an SB3 model saved into its zip (policy.zip, checkpoints): the run config's fingerprint
+FINGERPRINT_ATTR = "qpolicy_fingerprint"
+
+
 def save_sb3(model, path: Path) -> None:
+    """Save atomically (the model carries its run's fingerprint in the zip's data, see :func:`zip_fingerprint`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.zip")
     model.save(tmp)
     os.replace(tmp, path)
+
+
+def zip_fingerprint(path: Path) -> str | None:
+    """The run fingerprint stored in an SB3 zip (None if absent); ValueError naming the file if it is no SB3 zip."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            data = json.loads(z.read("data"))
+    except (zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable stable-baselines3 zip ({e}); delete it to start over") from None
+    fp = data.get(FINGERPRINT_ATTR)
+    return fp if isinstance(fp, str) else None
 
 
 def train_sb3(cfg: Any, run_dir: Path, *, progress: bool, t0: float) -> dict[str, Any]:
@@ -114,15 +134,19 @@ def train_sb3(cfg: Any, run_dir: Path, *, progress: bool, t0: float) -> dict[str
     if cfg.agent == "sac":
         venv = relaxed(venv)
     algo = sb3_class(cfg.agent)
+    from qpolicy.rundir import check_fingerprint
+
     ckpts = sorted((run_dir / "checkpoints").glob("step_*.zip"))
     resume = bool(ckpts)
+    fp = cfg.fingerprint()
     if resume:
+        check_fingerprint(zip_fingerprint(ckpts[-1]), fp, what=f"checkpoint {ckpts[-1].name}", where=run_dir)
         model = algo.load(ckpts[-1], env=venv, device="cpu")
     else:
-        kw = {"n_steps": 32, "batch_size": 64} if cfg.agent == "ppo" else {}
-        kw = {**kw, **cfg.agent_kwargs}
-        model = algo("MlpPolicy", venv, seed=cfg.seed, device="cpu", verbose=0, **kw)
-    tracker = Tracker(run_dir, config=cfg.to_dict(), mode=cfg.wandb, name=cfg.name, resume=resume)
+        model = algo("MlpPolicy", venv, seed=cfg.seed, device="cpu", verbose=0, **sb3_defaults(cfg))
+    setattr(model, FINGERPRINT_ATTR, fp)
+    tracker = Tracker(run_dir, config=cfg.to_dict(), mode=cfg.wandb, name=cfg.name,
+                      resume_at=model.num_timesteps if resume else None)
     bar = tqdm(total=cfg.total_timesteps, initial=model.num_timesteps, desc=f"train {cfg.agent}", unit="step",
                disable=not progress)
     try:
@@ -138,6 +162,39 @@ def train_sb3(cfg: Any, run_dir: Path, *, progress: bool, t0: float) -> dict[str
         venv.close()
     return {"run_dir": str(run_dir), "agent": cfg.agent, "timesteps": int(model.num_timesteps),
             "wall_s": time.time() - t0, "resumed": resume}
+
+
+def sb3_defaults(cfg: Any) -> dict[str, Any]:
+    """The SB3 constructor keywords of a run: qpolicy's defaults for small envs, then the config's agent_kwargs."""
+    kw = {"n_steps": 32, "batch_size": 64} if cfg.agent == "ppo" else {}
+    return {**kw, **cfg.agent_kwargs}
+
+
+#: SB3 constructor keywords checked before a run starts: (rule for qpolicy.config.check)
+_SB3_RULES = {"n_steps": dict(kind="int", lo=1), "batch_size": dict(kind="int", lo=2),
+              "n_epochs": dict(kind="int", lo=1), "gamma": dict(kind="real", lo=0, hi=1),
+              "gae_lambda": dict(kind="real", lo=0, hi=1), "ent_coef": dict(kind="real", lo=0),
+              "vf_coef": dict(kind="real", lo=0), "max_grad_norm": dict(kind="real", lo=0, lo_open=True),
+              "clip_range": dict(kind="real", lo=0, lo_open=True), "learning_rate": dict(kind="real", lo=0,
+                                                                                          lo_open=True),
+              "buffer_size": dict(kind="int", lo=1), "learning_starts": dict(kind="int", lo=0),
+              "tau": dict(kind="real", lo=0, hi=1), "train_freq": dict(kind="int", lo=1),
+              "gradient_steps": dict(kind="int", lo=-1)}
+
+
+def check_sb3_kwargs(cfg: Any) -> None:
+    """Validate a run's SB3 keywords before anything is written (SB3 itself fails late, with a traceback):
+    ValueError naming ``agent_kwargs.<field>`` and the accepted values."""
+    from qpolicy.config import check
+
+    kw = sb3_defaults(cfg)
+    for k, rule in _SB3_RULES.items():
+        if k in kw and not callable(kw[k]):  # learning_rate / clip_range may be schedules in the Python API
+            check(f"agent_kwargs.{k}", kw[k], **rule)
+    if cfg.agent == "ppo":
+        if kw["n_steps"] * cfg.num_envs < 2:
+            raise ValueError(f"agent_kwargs.n_steps x num_envs must be > 1 for PPO (advantage normalisation), got "
+                             f"{kw['n_steps']} x {cfg.num_envs}")
 
 
 def load_sb3_policy(run_dir: Path, agent: str) -> Callable[[np.ndarray], np.ndarray]:

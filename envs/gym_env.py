@@ -57,16 +57,26 @@ class QuantDiffusionEnv(gym.Env):
     (layout: ``env.unwrapped.core.obs_spec()``); actions index ``bit_choices``. Seeding: ``reset(seed=)``
     seeds ``np_random``, from which each reset draws the JAX key that picks the bank images."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(self, *, layerwise: bool = False, render_mode: str | None = None, **kwargs: Any):
-        if render_mode is not None:
-            raise ValueError(f"render_mode must be None (no rendering), got {render_mode!r}")
-        self.render_mode = None
+        # SB3's make_vec_env asks for "rgb_array" by default; render() then returns the current x_t
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.render_mode = render_mode
         self.core = make_core(layerwise=layerwise, **kwargs)
         self.params: EnvParams = self.core.default_params
         self.observation_space, self.action_space = spaces_for(self.core)
         self._state = None
+        self._done = False
+
+    def render(self):
+        """The first image of the current quantized x_t as an (H, W, 3) uint8 array (None before reset)."""
+        if self.render_mode != "rgb_array" or self._state is None:
+            return None
+        x = np.asarray(self._state.x[0], np.float32)
+        img = np.clip((x + 1) * 127.5, 0, 255).astype(np.uint8)
+        return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img[..., :3]
 
     def _key(self) -> jax.Array:
         return jax.random.key(int(self.np_random.integers(0, 2**63 - 1)))
@@ -74,14 +84,18 @@ class QuantDiffusionEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         obs, self._state = self.core.jit_reset(self._key(), self.params)
+        self._done = False
         return np.asarray(obs, np.float32), {}
 
     def step(self, action: Any):
         if self._state is None:
             raise RuntimeError("call reset() before step()")
+        if self._done:  # Gymnasium's convention: an ended episode is not stepped further
+            raise RuntimeError("the episode has ended (terminated or truncated); call reset() before step()")
         a = check_actions(self.core, action, None)
         obs, self._state, r, term, trunc, info = self.core.jit_step_env(self._key(), self._state, jnp.asarray(a),
                                                                          self.params)
+        self._done = bool(term) or bool(trunc)
         return np.asarray(obs, np.float32), float(r), bool(term), bool(trunc), _info_np(info)
 
 

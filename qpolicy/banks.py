@@ -15,7 +15,7 @@ import numpy as np
 
 from .denoiser import weights_hash
 from .diffusion import image_keys
-from .io import save_npy
+from .io import load_cached_array, save_cached_array
 
 BANKS = ("train", "eval", "calib")
 #: Noise-bank seeds: the train, eval and calibration banks are disjoint streams of image keys.
@@ -57,10 +57,11 @@ def check_eval_seed(seed: Any) -> int:
 
 
 def reference_bank(engine: Any, bank: str = "train", size: int = 64, *, seed: int | None = None,
-                   batch_size: int = 256, disk_cache: bool = True) -> ReferenceBank:
+                   batch_size: int = 256, disk_cache: bool = True, progress: bool = False) -> ReferenceBank:
     """FP trajectories for ``size`` images of the ``bank`` noise stream (seed ``BANK_SEEDS[bank]``, or ``seed`` for
     an eval bank on another stream), computed once and cached in memory and on disk (keyed by model layer hash +
-    weights, sampler, bank, seed and size)."""
+    weights, sampler, bank, seed and size; the file is verified on load against its sidecar, and a bad one is named,
+    removed and recomputed). progress: a bar over the batches."""
     if bank not in BANKS:
         raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
     if size < 1:
@@ -75,14 +76,23 @@ def reference_bank(engine: Any, bank: str = "train", size: int = 64, *, seed: in
         return _BANKS[key]
     keys = image_keys(seed, size)
     path = cache_dir() / "refs" / f"{key}.npy"
-    if disk_cache and path.exists():
-        traj = jnp.asarray(np.load(path))
+    shape = (engine.num_steps + 1, size, *engine.den.image_shape)
+    traj = load_cached_array(path, key=key, shape=shape) if disk_cache else None
+    if traj is not None:
+        traj = jnp.asarray(traj)
     else:
         run = jax.jit(engine.fp_trajectory)
-        parts = [run(keys[s:s + batch_size]) for s in range(0, size, batch_size)]
-        traj = jnp.concatenate(parts, axis=1)
+        starts = range(0, size, batch_size)
+        if progress and len(starts) > 1:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"FP reference ({bank}, {size} images)", unit="batch")
+        traj = jnp.concatenate([run(keys[s:s + batch_size]) for s in starts], axis=1)
+        if not bool(jnp.isfinite(traj).all()):
+            raise ValueError(f"the FP sampler of {engine.den.name!r} gives NaN or inf: check the model's weights "
+                             "(every weight must be finite)")
         if disk_cache:
-            save_npy(path, traj)
+            save_cached_array(path, traj, key=key)
     rb = ReferenceBank(name=key, keys=keys, traj=traj)
     _BANKS[key] = rb
     return rb

@@ -8,13 +8,33 @@ import os
 import sys
 from pathlib import Path
 
-from .config import add_config_args, config_kwargs
+from .config import add_config_args, check, check_memory, config_kwargs
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def _int_at_least(lo: int):
+    """argparse type: an integer >= lo (argparse turns the error into a usage line, exit 2)."""
+    def conv(text: str) -> int:
+        try:
+            return check("value", int(text), kind="int", lo=lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}") from None
+    conv.__name__ = f"integer >= {lo}"
+    return conv
+
+
+def _check_n(den, n: int, steps: int, *, flag: str = "--n") -> int:
+    """--n against memory before any work: per image, the FP and quantized trajectories of steps + 1 states."""
+    import numpy as np
+
+    return check_memory(flag, n, int(np.prod(den.image_shape)) * 4 * 2 * (steps + 1))
+
+
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=float))
+    from .io import dumps
+
+    print(dumps(obj, indent=2))
 
 
 # ----------------------------------------------------------------------------- denoiser
@@ -31,7 +51,11 @@ def cmd_denoiser_sample(a) -> int:
     from .data import save_image_grid
     from .denoiser import generate, load_denoiser
 
+    from .rundir import check_writable_target
+
+    check_writable_target(a.out, what="--out")
     den = load_denoiser(a.model)
+    _check_n(den, a.n, 1)
     x = generate(den, a.n, steps=a.steps, sampler=a.sampler, eta=a.eta, seed=a.seed, progress=True)
     save_image_grid(a.out, x)
     print(f"wrote {a.out} ({a.n} samples of {den.name}, {a.sampler} {a.steps} steps)")
@@ -44,12 +68,16 @@ def cmd_denoiser_eval(a) -> int:
 
     den = load_denoiser(a.model)
     if not den.dataset:
-        raise SystemExit(f"model {a.model!r} records no dataset, so there is no feature network to compare with")
+        raise ValueError(f"model {a.model!r} records no dataset, so there is no feature network to compare with")
+    _check_n(den, a.n, 1)
     x = generate(den, a.n, steps=a.steps, sampler=a.sampler, eta=a.eta, seed=a.seed, progress=not a.json)
     res = {"model": den.name, "dataset": den.dataset, "sampler": a.sampler, "steps": a.steps,
            **sample_quality(x, den.dataset, with_train=True)}
     _print_json(res) if a.json else print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in res.items()))
+    if not a.json and isinstance(res.get("kid"), float) and res["kid"] < 0:
+        print("note: kid is an unbiased estimate (MMD², polynomial kernel); a value below 0 means no measurable "
+              "difference from the real images at this sample size")
     return 0
 
 
@@ -68,14 +96,21 @@ def cmd_layers(a) -> int:
 
 
 def cmd_quantize(a) -> int:
+    import numpy as np
+
     from .banks import reference_bank
     from .engine import evaluate_schedule
 
     den, eng, bits = _engine_for(a)
-    bank = reference_bank(eng, a.bank, a.n)
+    _check_n(den, a.n, eng.num_steps)
+    bank = reference_bank(eng, a.bank, a.n, progress=True)
     res = evaluate_schedule(eng, bank, *bits, with_fd=not a.no_fd)
     res.pop("samples"), res.pop("errors")
-    res = {"model": den.name, "sampler": eng.sampler.kind, "act_ranges": a.act_ranges, "preset": eng.qcfg.preset,
+    bad = [k for k, v in res.items() if isinstance(v, float) and not np.isfinite(v)]
+    if bad:
+        raise ValueError(f"the quantized sampler gave non-finite {', '.join(bad)} ({eng.qcfg.preset}, "
+                         f"{eng.qcfg.act_ranges} ranges): the bits or the model overflow")
+    res = {"model": den.name, "sampler": eng.sampler.kind, "act_ranges": eng.qcfg.act_ranges, "preset": eng.qcfg.preset,
            **res}
     if a.json:
         _print_json(res)
@@ -91,17 +126,34 @@ def _engine_for(a):
     from .denoiser import load_denoiser
     from .engine import make_engine, quant_config, uniform_bits
 
+    from .bits import check_bits
+
+    qcfg = quant_config(a.preset or "ptq", act_ranges=a.act_ranges or "dynamic")
+    if not a.schedule:
+        if a.w is None or a.a is None:
+            raise ValueError("give --w and --a (uniform bits), or --schedule FILE")
+        check_bits(a.w, qcfg.bit_choices, field="--w")
+        check_bits(a.a, qcfg.bit_choices, field="--a")
     den = load_denoiser(a.model)
-    qcfg = quant_config(a.preset, act_ranges=a.act_ranges)
     if a.schedule:
+        from .diffusion import make_sampler
+        from .engine import quant_config_from_block
         from .schedule import load_schedule_for, read_bits_file
 
+        if a.w is not None or a.a is not None:
+            raise ValueError("give either --w/--a (uniform bits) or --schedule FILE, not both")
         steps = read_bits_file(a.schedule, L=len(den.layers))[0].shape[0]  # the schedule fixes T
-        eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=qcfg)
-        sched = load_schedule_for(a.schedule, den, eng.sampler)
+        sched = load_schedule_for(a.schedule, den, make_sampler(den.schedule, a.sampler, steps),
+                                  quantizer=qcfg.quantizer_block())
+        # the schedule runs under the quantizer block it records; a flag that contradicts the block is refused
+        sq = quant_config_from_block(sched.quantizer, bit_choices=sched.bit_choices, source=str(a.schedule))
+        for flag, mine, theirs in (("--preset", a.preset, sq.preset), ("--act-ranges", a.act_ranges,
+                                                                        sq.act_ranges)):
+            if mine is not None and mine != theirs:
+                raise ValueError(f"{flag} {mine} contradicts the schedule's quantizer block ({theirs}) in "
+                                 f"{a.schedule}: drop {flag} to use the schedule's quantizer")
+        eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=sq)
         return den, eng, (sched.bits_w, sched.bits_a)
-    if a.w is None or a.a is None:
-        raise ValueError("give --w and --a (uniform bits), or --schedule FILE")
     eng = make_engine(den, steps=a.steps, sampler=a.sampler, qcfg=qcfg)
     return den, eng, uniform_bits(eng, a.w, a.a)
 
@@ -113,6 +165,7 @@ def cmd_fidelity(a) -> int:
     from .fidelity import check
 
     den, eng, (bw, ba) = _engine_for(a)
+    _check_n(den, a.n, eng.num_steps)
     check_bits(bw, eng.qcfg.bit_choices, field="bits_w")
     check_bits(ba, eng.qcfg.bit_choices, field="bits_a")
     res = {"model": den.name, "preset": eng.qcfg.preset, **check(eng, reference_bank(eng, a.bank, a.n), bw, ba)}
@@ -169,7 +222,7 @@ def cmd_evaluate(a) -> int:
     for run in runs:
         res = evaluate_run(run, baselines=a.baselines, budget=a.budget, n=a.n, eval_seed=a.eval_seed,
                            progress=not a.json, with_fd=not a.no_fd, permutations=a.permutations,
-                           search_budget=a.search_budget)
+                           search_budget=a.search_budget, overwrite=a.force)
         _show_evaluation(res, a.json)
     return 0
 
@@ -237,6 +290,7 @@ def cmd_calibrate(a) -> int:
     from .ptq import calibrate, model_calib_path
 
     den = load_denoiser(a.model)
+    _check_n(den, a.n, a.steps)
     qcfg = QuantConfig(act_ranges="static", range_buckets=a.buckets)
     smp = make_sampler(den.schedule, a.sampler, a.steps)
     path = model_calib_path(den, smp, qcfg, a.n)
@@ -280,7 +334,8 @@ def run_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .export import FORMATS
 
-    p = argparse.ArgumentParser(prog="qpolicy", description=__doc__)
+    p = _Parser(prog="qpolicy", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     den = sub.add_parser("denoiser", help="train, sample and evaluate denoisers").add_subparsers(dest="sub",
@@ -295,44 +350,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling_args(q, n_default):
         q.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder")
-        q.add_argument("--n", type=int, default=n_default)
-        q.add_argument("--steps", type=int, default=20, help="sampler steps")
-        q.add_argument("--sampler", default="ddim", help="ddim | ddpm")
-        q.add_argument("--eta", type=float, default=0.0)
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--n", type=_int_at_least(1), default=n_default, help="images to sample")
+        q.add_argument("--steps", type=_int_at_least(1), default=20, help="sampler steps")
+        q.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="sampler")
+        q.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
+        q.add_argument("--seed", type=_int_at_least(0), default=0, help="noise seed")
 
     s = den.add_parser("sample", help="write a sample grid PNG")
     sampling_args(s, 64)
-    s.add_argument("--out", default="grid.png")
+    s.add_argument("--out", required=True, help="PNG file of the sample grid")
     s.set_defaults(fn=cmd_denoiser_sample)
     e = den.add_parser("eval", help="Fréchet distance of samples in the dataset's feature space")
     sampling_args(e, 1000)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(fn=cmd_denoiser_eval)
 
     l = sub.add_parser("layers", help="list the quantizable layers (the action order)")
-    l.add_argument("--model", default="digits16")
-    l.add_argument("--json", action="store_true")
+    l.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder")
+    l.add_argument("--json", action="store_true", help="print JSON")
     l.set_defaults(fn=cmd_layers)
 
     from .engine import QUANT_PRESETS
 
     def engine_args(q, n_default):
-        q.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder (default: "
-                                                            "digits16)")
+        q.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder")
         q.add_argument("--w", type=int, default=None, help="weight bits for every layer and step")
         q.add_argument("--a", type=int, default=None, help="activation bits for every layer and step")
         q.add_argument("--schedule", default=None,
                        help="JSON schedule file (full BitSchedule or bits_w/bits_a T x L) instead of --w/--a")
-        q.add_argument("--n", type=int, default=n_default, help=f"images (default: {n_default})")
-        q.add_argument("--steps", type=int, default=10, help="sampler steps (default: 10; ignored with --schedule)")
-        q.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="sampler (default: ddim)")
-        q.add_argument("--act-ranges", default="dynamic", choices=("dynamic", "static"),
-                       help="activation ranges (default: dynamic)")
-        q.add_argument("--preset", default="ptq", choices=tuple(QUANT_PRESETS),
-                       help="quantizer: ptq (default: shortcut splitting, bias correction, weight clipping search) "
-                            "or plain (none of them)")
-        q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank (default: eval)")
+        q.add_argument("--n", type=_int_at_least(1), default=n_default, help="images")
+        q.add_argument("--steps", type=_int_at_least(1), default=10, help="sampler steps (ignored with --schedule)")
+        q.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="sampler")
+        q.add_argument("--act-ranges", default=None, choices=("dynamic", "static"),
+                       help="activation ranges (default: dynamic, or the schedule's)")
+        q.add_argument("--preset", default=None, choices=tuple(QUANT_PRESETS),
+                       help="quantizer: ptq (shortcut splitting, bias correction, weight clipping search) or plain "
+                            "(none of them) (default: ptq, or the schedule's quantizer block)")
+        q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank")
         q.add_argument("--json", action="store_true", help="print JSON")
 
     q = sub.add_parser("quantize", help="run the quantized sampler under uniform bits or a schedule file")
@@ -356,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="a grid of run configs x seeds on Ray Tune (local, or a cluster with --address)")
     sw.add_argument("--config", required=True, help="YAML run config")
     sw.add_argument("--grid", action="append", help="key=v1,v2,... (dotted; repeat for a product), e.g. env.lam=1,2,4")
-    sw.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default: 0)")
+    sw.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2")
     sw.add_argument("--set", action="append", help="override a field of every trial: key=value")
     sw.add_argument("--out", required=True, help="sweep folder (trials are run directories inside it)")
     sw.add_argument("--address", default=None, help="Ray cluster address (default: a private local Ray)")
@@ -366,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--baselines", default="fast", choices=("all", "fast", "none"), help="evaluation baselines")
     sw.add_argument("--n", type=int, default=None, help="eval images (default from the run config)")
     sw.add_argument("--no-fd", action="store_true", help="skip Fréchet distances in the evaluation")
-    sw.add_argument("--json", action="store_true")
+    sw.add_argument("--json", action="store_true", help="print JSON")
     sw.set_defaults(fn=cmd_sweep)
 
     rp = sub.add_parser("report", help="Markdown report + Pareto front with CI bars over evaluated runs and seeds")
@@ -381,48 +435,98 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baselines", default="all", choices=("all", "fast", "none"),
                     help="all | fast (no per-(layer, step) search) | none")
     ev.add_argument("--no-fd", action="store_true", help="skip the feature-space Fréchet distances")
-    ev.add_argument("--budget", type=float, default=None, help="baselines' BOPs budget (default: learned cost)")
-    ev.add_argument("--n", type=int, default=None, help="eval-bank images (default from the run config)")
+    ev.add_argument("--budget", type=float, default=None,
+                    help="baselines' BOPs budget, in (0, 1] (a fraction of FP32 BOPs; default: the learned cost)")
+    ev.add_argument("--n", type=_int_at_least(1), default=None, help="eval-bank images (default from the run config)")
     ev.add_argument("--eval-seed", type=int, default=None,
                     help="noise seed of the eval images (default 2000, the eval bank; never 1000/3000: train/calib)")
-    ev.add_argument("--permutations", type=int, default=4, help="derangements K in the permutation test")
+    ev.add_argument("--permutations", type=_int_at_least(1), default=4,
+                    help="derangements K in the permutation test")
     ev.add_argument("--search-budget", default="equal", choices=("equal", "free"),
                     help="equal: each search scores at most the schedules the learned run's training forwards pay "
                          "for; free: the searches' own defaults")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--force", action="store_true", help="overwrite the run's existing evaluation (eval/)")
+    ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(fn=cmd_evaluate)
 
     ex = sub.add_parser("export", help="export a run's bit schedule")
-    ex.add_argument("--run", required=True)
+    ex.add_argument("--run", required=True, help="run directory (evaluated)")
     ex.add_argument("--format", default="json", choices=FORMATS, help="output format")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, help="output file (its folder is created)")
     ex.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("calibrate", help="store static activation ranges with a model (its checkpoint folder)")
-    c.add_argument("--model", default="digits16")
-    c.add_argument("--steps", type=int, default=10)
-    c.add_argument("--sampler", default="ddim")
-    c.add_argument("--buckets", type=int, default=4, help="step buckets (ranges per layer and bucket)")
-    c.add_argument("--n", type=int, default=32, help="calibration images (the calib noise bank)")
+    c.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder")
+    c.add_argument("--steps", type=_int_at_least(1), default=10, help="sampler steps")
+    c.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="sampler")
+    c.add_argument("--buckets", type=_int_at_least(1), default=4, help="step buckets (ranges per layer and bucket)")
+    c.add_argument("--n", type=_int_at_least(1), default=32, help="calibration images (the calib noise bank)")
     c.set_defaults(fn=cmd_calibrate)
 
     d = sub.add_parser("demo", help="the main job: train a policy on digits16, evaluate vs baselines, export")
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "experiments" / "configs"
-                                           / "digits16_ppo_jax.yaml"))
+                                           / "digits16_ppo_jax.yaml"), help="YAML run config")
     d.add_argument("--set", action="append", help="override a field: key=value (dotted, e.g. env.lam=2)")
     run_args(d)
-    d.add_argument("--out", default="out/demo")
+    d.add_argument("--out", default="out/demo", help="run directory of the demo")
     d.set_defaults(fn=cmd_demo)
+    _show_defaults(p)
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (exit 2) that names the flag; ``--help`` shows the rest."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows each flag's default where its help does not already (and the default is a value)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" not in h and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            h += " (default: %(default)s)"
+        return h
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = _DefaultsFormatter
+    for act in p._actions:
+        if isinstance(act, argparse._SubParsersAction):
+            for sp in act.choices.values():
+                _show_defaults(sp)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def _cli_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input or environment (bad value, file, YAML, permission, lock), not bugs."""
+    import yaml
+
+    from .rundir import LockedError
+
+    return (OSError, ValueError, yaml.YAMLError, LockedError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; an input or environment error is one line on stderr and exit status 2 (the full
+    traceback with ``--debug``)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"qpolicy: error: {e}", file=sys.stderr)
+    except _cli_errors() as e:
+        if args.debug:
+            raise
+        print(f"qpolicy: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("qpolicy: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

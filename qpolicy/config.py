@@ -148,3 +148,29 @@ def config_kwargs(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
             continue
         out[f.name] = tuple(v) if isinstance(v, list) else (None if v == _NONE else v)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- resource guards
+def available_memory() -> int:
+    """Bytes of memory this process may still use (available physical memory; total if unknown)."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(name: str, n: Any, bytes_each: int, *, what: str = "images", fraction: float = 0.5) -> int:
+    """Refuse before any work a count ``n`` (an integer >= 1) whose arrays (``bytes_each`` per item) would need
+    more than ``fraction`` of the available memory; the message names the flag and the largest accepted value."""
+    n = check(name, n, kind="int", lo=1)
+    budget = int(available_memory() * fraction)
+    if n * bytes_each > budget:
+        raise ValueError(f"{name}={n} {what} need about {n * bytes_each / 2**30:.3g} GiB, more than half the "
+                         f"available memory ({budget / 2**30:.3g} GiB): use {name} <= {max(budget // bytes_each, 1)}")
+    return n

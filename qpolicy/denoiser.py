@@ -138,6 +138,11 @@ def load_denoiser(name_or_path: str | Path = DEFAULT_MODEL) -> Denoiser:
             raise ValueError(f"{d / 'meta.json'}: field {key!r} must be an object, got {meta[key]!r}")
     module = build_unet(meta)
     params = load_pytree(d / "weights.msgpack", what="checkpoint weights")
+    bad = [jax.tree_util.keystr(k) for k, a in jax.tree_util.tree_leaves_with_path(params)
+           if np.asarray(a).dtype.kind in "fc" and not np.isfinite(np.asarray(a)).all()]
+    if bad:
+        raise ValueError(f"{d / 'weights.msgpack'} holds NaN or inf in {len(bad)} tensor(s), first {bad[0]}; every "
+                         "weight must be finite (retrain or restore the checkpoint)")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
     den = wrap_denoiser(module, {"params": params}, image_shape=meta["image_shape"],
                         schedule=schedule_from_dict(meta["schedule"]), name=meta.get("name", d.name),

@@ -16,7 +16,7 @@ import functools
 import hashlib
 import io
 import json
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,7 +28,7 @@ from .bits import DEFAULT_BIT_CHOICES, check_bits, check_choices, to_index
 from .config import check, is_int
 from .cost import CostModel
 from .denoiser import Denoiser, weights_hash
-from .io import atomic_write_bytes
+from .io import read_cache, write_cache
 from .diffusion import Sampler, image_noise, make_sampler, sampler_step
 from .layers import activation_interceptor, map_layer_weights, path_tuple
 from .ptq import CLIP_GRID, input_means, input_splits, static_act_ranges, weight_clip_ratios
@@ -118,6 +118,22 @@ def quant_config(preset: str = "ptq", **fields: Any) -> QuantConfig:
     return QuantConfig(**{**QUANT_PRESETS[preset], **fields})
 
 
+def quant_config_from_block(block: Mapping[str, Any], *, bit_choices: Sequence[int] = DEFAULT_BIT_CHOICES,
+                            source: str = "schedule") -> QuantConfig:
+    """The QuantConfig a schedule's ``quantizer`` block describes (specs, range mode, PTQ switches), so the
+    schedule runs under the quantizer it was made for. ValueError naming ``source`` for a block it cannot hold."""
+    from .schedule import quant_spec_from
+
+    try:
+        return QuantConfig(w_spec=quant_spec_from(block["weights"]), a_spec=quant_spec_from(block["activations"],
+                                                                                            "quantizer.activations"),
+                           act_ranges=block["act_ranges"], bit_choices=tuple(bit_choices),
+                           **{k: block[k] for k in PTQ_FIELDS if k in block})
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{source}: quantizer block lacks or mistypes {e}; accepted keys: weights, activations, "
+                         f"act_ranges, {', '.join(PTQ_FIELDS)}") from None
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantEngine:
     """A denoiser + sampler + quantizer config: pure functions for quantized sampling steps.
@@ -205,8 +221,9 @@ class QuantEngine:
         tag = hashlib.sha256(repr((spec, self.qcfg.bit_choices, CLIP_GRID, sorted(self.input_splits.items()),
                                    self.den.layer_hash)).encode()).hexdigest()[:12]
         path = cache_dir() / "clip" / f"{self.den.name}_{weights_hash(self.den)}_{tag}.npz"
-        if path.exists():
-            with np.load(path) as z:
+        got = read_cache(path, key=path.stem)
+        if got is not None:
+            with np.load(io.BytesIO(got[0])) as z:
                 return {tuple(json.loads(k)): jnp.asarray(z[k]) for k in z.files}
         out = {}
         for lay in self.den.layers:
@@ -221,7 +238,7 @@ class QuantEngine:
                     out[(lay.index, name, j)] = weight_clip_ratios(p, spec, self.qcfg.bit_choices)
         buf = io.BytesIO()
         np.savez(buf, **{json.dumps(list(k)): np.asarray(v) for k, v in out.items()})
-        atomic_write_bytes(path, buf.getvalue())
+        write_cache(path, buf.getvalue(), key=path.stem)
         return out
 
     def quantize_weight(self, l: int, w: jax.Array, bits: jax.Array, name: str = "kernel") -> jax.Array:

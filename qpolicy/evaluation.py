@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from . import adaptivity
 from .banks import ReferenceBank, reference_bank
 from .bits import geometric_mean_schedule
-from .config import is_int
+from .config import check, is_int
 from .engine import QuantEngine, evaluate_schedule, grouped_errors
 from .io import atomic_write_bytes, atomic_write_json, read_json
+from .rundir import locked
 from .runs import TRAIN_SUMMARY, RunConfig, load_run
 from .stats import mean_ci, paired_difference, verdict_text
 
@@ -275,7 +276,7 @@ def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
     atomic_write_bytes(out_dir / "schedules.npz", buf.getvalue())
     plots.pareto(result["policies"], out_dir / "pareto.png", title=f"{eng.den.name}: cost vs final error")
     plots.bit_heatmaps([(r.row["name"], r.bits_w, r.bits_a) for r in records], [l.path for l in eng.den.layers],
-                       out_dir / "bits_heatmaps.png")
+                       out_dir / "bits_heatmaps.png", choices=eng.qcfg.bit_choices)
     plots.fp_vs_quantized(np.asarray(s.bank.traj[-1][:32]), records[0].samples[:32],
                           out_dir / "samples_fp_vs_learned.png")
     mean = records[1]
@@ -299,18 +300,39 @@ def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
 
 def evaluate_run(run_dir: str | Path, *, baselines: str = "all", budget: float | None = None,
                  n: int | None = None, eval_seed: int | None = None, progress: bool = True, with_fd: bool = True,
-                 permutations: int = 4, search_budget: str = "equal") -> dict[str, Any]:
+                 permutations: int = 4, search_budget: str = "equal", overwrite: bool = True) -> dict[str, Any]:
     """Evaluate the learned policy and the baselines on the held-out eval bank; write plots and schedules.
 
     baselines: "all" | "fast" (no per-(layer, step) search) | "none". budget: the baselines' bops_rel_fp32 budget
     (default: the run config's, else the learned policy's own cost). n: eval images. eval_seed: noise stream of the
     eval images (default: the eval bank's). permutations: K derangements in the permutation test.
     search_budget: "equal" (default: every search scores at most as many train-bank schedules as the learned run's
-    training forwards pay for: learned forwards / (32 images x S steps)) or "free" (the searches' own defaults)."""
+    training forwards pay for: learned forwards / (32 images x S steps)) or "free" (the searches' own defaults).
+    overwrite: False refuses a run that already has an evaluation (``qpolicy evaluate`` without ``--force``).
+    The run directory is locked while the evaluation runs."""
     if baselines not in BASELINE_SETS:
         raise ValueError(f"baselines must be one of {BASELINE_SETS}, got {baselines!r}")
     if search_budget not in SEARCH_BUDGETS:
         raise ValueError(f"search_budget must be one of {SEARCH_BUDGETS}, got {search_budget!r}")
+    check("budget", budget, kind="real", lo=0, lo_open=True, hi=1, optional=True)
+    check("permutations", permutations, kind="int", lo=1)
+    check("n", n, kind="int", lo=1, optional=True)
+    if eval_seed is not None:
+        from .banks import check_eval_seed
+
+        check_eval_seed(eval_seed)
+    done = Path(run_dir) / "eval" / "evaluation.json"
+    if not overwrite and done.exists():
+        raise ValueError(f"{Path(run_dir)} already has an evaluation ({done}); pass --force to overwrite it")
+    if not (Path(run_dir) / "config.yaml").exists():
+        raise FileNotFoundError(f"{Path(run_dir) / 'config.yaml'} not found: --run must be a run directory "
+                                "written by `qpolicy train`")
+    with locked(run_dir):
+        return _evaluate(run_dir, baselines=baselines, budget=budget, n=n, eval_seed=eval_seed, progress=progress,
+                         with_fd=with_fd, permutations=permutations, search_budget=search_budget)
+
+
+def _evaluate(run_dir, *, baselines, budget, n, eval_seed, progress, with_fd, permutations, search_budget):
     clock = _StageClock()
     with clock("setup"):
         s = setup(run_dir, n, eval_seed)

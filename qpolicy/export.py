@@ -269,4 +269,7 @@ def export(schedule: BitSchedule, out: str | os.PathLike, fmt: str) -> list[Path
         if out.is_dir():
             out = out / f"bit_schedule.{fmt}"
         return [schedule.save(out)] if fmt == "json" else to_csv(schedule, out)
+    if out.is_file() or (out.suffix and not out.is_dir()):
+        raise ValueError(f"export --out {out}: format {fmt!r} writes a folder (one file per segment and a manifest); "
+                         "give a folder path, e.g. without a file suffix")
     return export_segments(schedule, out, fmt)

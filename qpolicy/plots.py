@@ -89,9 +89,12 @@ def bits_vs_features(mean_log2_bits: np.ndarray, features: dict[str, np.ndarray]
 
 
 def bit_heatmaps(schedules: Sequence[tuple[str, np.ndarray, np.ndarray]], layer_names: Sequence[str], path,
-                 *, max_panels: int = 12, skip_uniform: bool = True, ncols: int = 4) -> Path:
+                 *, max_panels: int = 12, skip_uniform: bool = True, ncols: int = 4,
+                 choices: Sequence[int] | None = None) -> Path:
     """One panel per schedule of bits (layer x step): weights, plus activations when they differ.
-    Uniform schedules (every entry equal) are skipped by default: their heatmap is a flat colour."""
+    Uniform schedules (every entry equal) are skipped by default: their heatmap is a flat colour.
+    choices: the bit choice set; the colour bar spans it (default: the bits that occur), so schedules over a
+    narrow set such as (4, 5, 6, 8) use the whole colour range."""
     panels = []
     for name, bw, ba in schedules:
         bw, ba = np.asarray(bw), np.asarray(ba)
@@ -102,6 +105,10 @@ def bit_heatmaps(schedules: Sequence[tuple[str, np.ndarray, np.ndarray]], layer_
             panels.append((f"{name} (A)", ba))
     panels = panels[:max_panels] or [(n, np.asarray(w)) for n, w, _ in schedules[:1]]
     L = len(layer_names)
+    ticks = sorted({int(b) for b in (choices if choices is not None else np.concatenate(
+        [np.unique(np.asarray(b)) for _, b in panels]))})
+    lo, hi = np.log2(ticks[0]), np.log2(ticks[-1])
+    hi = hi if hi > lo else lo + 1
     rows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(rows, min(ncols, len(panels)), figsize=(3.2 * min(ncols, len(panels)) + 1.5,
                                                                     0.11 * L * rows + 1.2), squeeze=False)
@@ -110,7 +117,7 @@ def bit_heatmaps(schedules: Sequence[tuple[str, np.ndarray, np.ndarray]], layer_
             ax.axis("off")
             continue
         name, bits = panels[k]
-        im = ax.imshow(np.log2(bits.astype(float)).T, aspect="auto", cmap="viridis", vmin=1, vmax=5,
+        im = ax.imshow(np.log2(bits.astype(float)).T, aspect="auto", cmap="viridis", vmin=lo, vmax=hi,
                        interpolation="nearest")
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("sampler step (noisy → clean)", fontsize=7)
@@ -121,8 +128,8 @@ def bit_heatmaps(schedules: Sequence[tuple[str, np.ndarray, np.ndarray]], layer_
         else:
             ax.set_yticks([])
     cb = fig.colorbar(im, ax=axes, shrink=0.6)
-    cb.set_ticks([1, 2, 3, 4, 5])
-    cb.set_ticklabels(["2", "4", "8", "16", "32"])
+    cb.set_ticks([float(np.log2(b)) for b in ticks])
+    cb.set_ticklabels([str(b) for b in ticks])
     cb.set_label("bits")
     return _save(fig, path)
 

@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from .banks import BANK_SEEDS, cache_dir
 from .denoiser import Denoiser, weights_hash
 from .diffusion import Sampler, image_keys, image_noise, sampler_step
-from .io import save_npy
+from .io import load_cached_array, save_cached_array
 from .layers import activation_interceptor, path_tuple
 from .quant import ACT_DEFAULT, QuantSpec, fake_quant, range_from
 
@@ -167,12 +167,28 @@ def static_act_ranges(den: Denoiser, sampler: Sampler, qcfg: Any, calib_n: int =
     model (``qpolicy calibrate``) if there is one, else the on-disk cache, else calibrated now (and cached)."""
     stored = model_calib_path(den, sampler, qcfg, calib_n)
     cached = cache_dir() / "calib" / f"{den.name}_{weights_hash(den)}_{calib_tag(den, sampler, qcfg, calib_n)}.npy"
-    path = next((p for p in (stored, cached) if p is not None and p.exists()), None)
-    if path is not None:
-        return jnp.asarray(np.load(path))
+    if stored is not None and stored.exists():
+        return jnp.asarray(load_stored_ranges(stored, qcfg.range_buckets, len(den.layers)))
+    table = load_cached_array(cached, key=cached.stem)
+    if table is not None:
+        return jnp.asarray(table)
     table = calibrate(den, sampler, qcfg, n=calib_n)
-    save_npy(cached, table)
+    save_cached_array(cached, table, key=cached.stem)
     return table
+
+
+def load_stored_ranges(path: Path, buckets: int, num_layers: int) -> np.ndarray:
+    """A calibration table stored with a model (``qpolicy calibrate``): ValueError naming the file when it is
+    unreadable, of another shape than (buckets, layers, 2), or not finite."""
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"calibration file {path} is unreadable ({e}); delete it and rerun `qpolicy calibrate`") \
+            from None
+    if a.shape != (buckets, num_layers, 2) or not np.isfinite(a).all():
+        raise ValueError(f"calibration file {path} holds {a.shape} (finite: {bool(np.isfinite(a).all())}), expected "
+                         f"finite ({buckets}, {num_layers}, 2); delete it and rerun `qpolicy calibrate`")
+    return a
 
 
 #: Clipping ratios (of the per-channel absmax) searched by :func:`weight_clip_ratios`.

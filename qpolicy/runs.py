@@ -1,8 +1,9 @@
 """Training runs: the run config, launching (SB3 agents via :mod:`qpolicy.agents.sb3`, JAX PPO), loading a trained
 policy, and exporting its schedule. Evaluation against the baselines lives in :mod:`qpolicy.evaluation`.
 
-A run directory holds ``config.yaml`` (the resolved :class:`RunConfig`), ``metrics.jsonl``,
-``checkpoints/`` (periodic, SB3), ``policy.zip`` (SB3) or ``policy/`` (JAX PPO: msgpack + json),
+A run directory holds ``config.yaml`` (the resolved :class:`RunConfig` and its ``fingerprint``), ``metrics.jsonl``,
+``checkpoints/`` (periodic: SB3 zips, JAX PPO runner states), ``policy.zip`` (SB3) or ``policy/`` (JAX PPO: msgpack
++ json), ``.qpolicy.lock`` (the writer's lock, see :mod:`qpolicy.rundir`),
 ``wandb/`` (offline unless asked) and, after evaluation, ``eval/`` (evaluation.json, plots, schedules).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 
 from .config import check
 from .io import atomic_write_json, atomic_write_text
+from .rundir import check_fingerprint, check_writable_target, config_diff, fingerprint, locked
 from .tracking import WANDB_MODES, Tracker
 
 AGENTS = ("ppo", "a2c", "sac", "ppo_jax")
@@ -93,6 +95,58 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def fingerprint(self) -> str:
+        """Hash of the fields that shape the trained policy (the env fields resolved with their defaults);
+        config.yaml, checkpoints and policies carry it, and a policy is never used under another config."""
+        from qpolicy.envs import EnvConfig
+
+        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAINING}
+        d["env"] = dataclasses.asdict(EnvConfig(**self.env))
+        return fingerprint(d)
+
+
+#: RunConfig fields that do not shape the trained policy (naming, logging, checkpoint cadence, evaluation)
+_NOT_TRAINING = ("name", "checkpoint_every", "eval_bank_size", "budget", "wandb")
+#: the key of config.yaml that records the config's fingerprint (not a RunConfig field)
+FINGERPRINT_KEY = "fingerprint"
+
+
+def validate(cfg: RunConfig) -> None:
+    """Everything a run needs checked before anything is written: the agent's keywords (PPOConfig for ppo_jax,
+    SB3's numeric keywords) and the env's model (found, readable)."""
+    if cfg.agent == "ppo_jax":
+        _ppo_config(cfg)
+    else:
+        from qpolicy.agents.sb3 import check_sb3_kwargs
+
+        check_sb3_kwargs(cfg)
+    from .config import check_memory
+    from .denoiser import resolve_model_dir
+    from .io import read_json
+    from qpolicy.envs import EnvConfig
+
+    env = EnvConfig(**cfg.env)
+    if not isinstance(env.model, (str, Path)):
+        return  # a Denoiser object (Python API)
+    meta = read_json(resolve_model_dir(env.model) / "meta.json", what="checkpoint metadata")
+    shape = meta.get("image_shape") if isinstance(meta, dict) else None
+    if isinstance(shape, list) and shape and all(isinstance(v, int) for v in shape):
+        image = int(np.prod(shape)) * 4
+        # the FP reference bank holds every state of every image; the envs hold their images' current states
+        check_memory("env.bank_size", env.bank_size, image * (env.num_steps + 1), what="reference images")
+        check_memory("num_envs x env.images_per_env", cfg.num_envs * env.images_per_env, image * 4,
+                     what="env images")
+
+
+def _ppo_config(cfg: RunConfig):
+    from qpolicy.agents import ppo_jax
+
+    try:
+        return ppo_jax.PPOConfig(**{"num_envs": cfg.num_envs, "total_timesteps": cfg.total_timesteps,
+                                    "seed": cfg.seed, **cfg.agent_kwargs})
+    except TypeError as e:  # a value of the wrong type that PPOConfig's arithmetic meets first
+        raise ValueError(f"agent_kwargs: {e}") from None
+
 
 def _agent_kwargs(agent: str) -> set[str]:
     """Keyword arguments the agent's constructor accepts (PPOConfig fields for ppo_jax)."""
@@ -151,6 +205,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ValueError(f"override {o!r} must look like key=value (e.g. env.lam=2.0)")
         k, v = o.split("=", 1)
         _set_dotted(d, k.strip(), parse_value(v))
+    d.pop(FINGERPRINT_KEY, None)  # recorded by train; recomputed from the fields
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -160,20 +215,49 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 # ------------------------------------------------------------------------------------------ training
 def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train a policy; resumes from the latest checkpoint in ``run_dir`` (SB3 agents). Returns a summary."""
+    """Train a policy into ``run_dir`` as a transaction: the whole config is validated before anything is written;
+    the directory is locked for the run; a directory holding another config's run is refused; config.yaml records
+    the fingerprint that checkpoints and the policy carry. Resumes from the latest checkpoint (every agent), with
+    metrics.jsonl truncated to it. Returns a summary."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    t0 = time.time()
-    if cfg.agent == "ppo_jax":
-        summary = _train_ppo_jax(cfg, run_dir, progress=progress, t0=t0)
-    else:
-        from qpolicy.agents.sb3 import train_sb3
+    validate(cfg)
+    check_writable_target(run_dir, what="run directory")
+    with locked(run_dir):
+        _check_reuse(run_dir, cfg)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({**cfg.to_dict(), FINGERPRINT_KEY:
+                                                                   cfg.fingerprint()}, sort_keys=False))
+        t0 = time.time()
+        if cfg.agent == "ppo_jax":
+            summary = _train_ppo_jax(cfg, run_dir, progress=progress, t0=t0)
+        else:
+            from qpolicy.agents.sb3 import train_sb3
 
-        summary = train_sb3(cfg, run_dir, progress=progress, t0=t0)
-    summary["device"] = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
-    atomic_write_json(run_dir / TRAIN_SUMMARY, summary)
+            summary = train_sb3(cfg, run_dir, progress=progress, t0=t0)
+        summary["device"] = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+        summary["fingerprint"] = cfg.fingerprint()
+        atomic_write_json(run_dir / TRAIN_SUMMARY, summary)
     return summary
+
+
+#: what a run directory holds from training (a directory holding any of them belongs to its config)
+_RUN_ARTIFACTS = ("checkpoints", "policy", "policy.zip", TRAIN_SUMMARY)
+
+
+def _check_reuse(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to train into a directory that holds checkpoints or a policy of another config."""
+    f = run_dir / "config.yaml"
+    if not f.exists() or not any((run_dir / a).exists() for a in _RUN_ARTIFACTS):
+        return
+    try:
+        old = load_config(f)
+    except ValueError as e:
+        raise ValueError(f"run directory {run_dir} holds a run whose config.yaml is unreadable ({e}); use another "
+                         "--run-dir or delete the directory") from None
+    if old.fingerprint() != cfg.fingerprint():
+        changed = config_diff(old.to_dict(), cfg.to_dict())
+        raise ValueError(f"run directory {run_dir} holds a run of another config (changed: "
+                         f"{', '.join(changed) or 'defaults'}); use another --run-dir, or delete the directory to "
+                         "start over")
 
 
 def _train_ppo_jax(cfg: RunConfig, run_dir: Path, *, progress: bool, t0: float) -> dict[str, Any]:
@@ -181,19 +265,27 @@ def _train_ppo_jax(cfg: RunConfig, run_dir: Path, *, progress: bool, t0: float) 
     from qpolicy.envs import make_core
 
     core = make_core(layerwise=cfg.layerwise, **cfg.env)
-    pcfg = ppo_jax.PPOConfig(**{"num_envs": cfg.num_envs, "total_timesteps": cfg.total_timesteps, "seed": cfg.seed,
-                                **cfg.agent_kwargs})
-    res = ppo_jax.train(core, pcfg, progress=progress)
+    pcfg = _ppo_config(cfg)
+    ckpt = ppo_jax.Checkpointer(run_dir / "checkpoints", every=-(-cfg.checkpoint_every // pcfg.batch_size),
+                                fingerprint=cfg.fingerprint())
+    latest = ckpt.latest_update()
+    resume_at = None if latest is None else latest * pcfg.batch_size
+    tracker = Tracker(run_dir, config=cfg.to_dict(), mode=cfg.wandb, name=cfg.name, resume_at=resume_at)
+
+    def log(m: dict, first: int) -> None:  # seed 0's rows (the run's policy), as each chunk finishes
+        for u in range(np.shape(next(iter(m.values())))[1]):
+            tracker.log({k: float(np.asarray(v)[0, u]) for k, v in m.items()}, (first + u + 1) * pcfg.batch_size)
+
+    try:
+        res = ppo_jax.train(core, pcfg, progress=progress, checkpoint=ckpt, on_chunk=log)
+    finally:
+        tracker.close()
     params = res.seed_params(0)  # the first seed is the run's policy
-    ppo_jax.save_policy(run_dir / "policy", params, pcfg, {**ppo_jax.core_meta(core), "layerwise": cfg.layerwise})
-    tracker = Tracker(run_dir, config=cfg.to_dict(), mode=cfg.wandb, name=cfg.name)
-    for u in range(res.metrics[next(iter(res.metrics))].shape[1]):
-        tracker.log({k: float(np.asarray(v)[0, u]) for k, v in res.metrics.items()}, (u + 1) * pcfg.num_envs
-                    * pcfg.num_steps)
-    tracker.close()
+    ppo_jax.save_policy(run_dir / "policy", params, pcfg, {**ppo_jax.core_meta(core), "layerwise": cfg.layerwise,
+                                                           FINGERPRINT_KEY: cfg.fingerprint()})
     return {"run_dir": str(run_dir), "agent": "ppo_jax",
             "timesteps": pcfg.num_updates * pcfg.num_envs * pcfg.num_steps,
-            "wall_s": time.time() - t0, "env_steps_per_s": res.env_steps_per_s, "resumed": False}
+            "wall_s": time.time() - t0, "env_steps_per_s": res.env_steps_per_s, "resumed": resume_at is not None}
 
 
 # ------------------------------------------------------------------------------------------ loading and export
@@ -201,6 +293,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Callable]:
     """(config, act) for a trained run; act(obs (N, D) numpy) -> actions (deterministic)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
+    check_fingerprint(policy_fingerprint(run_dir, cfg), cfg.fingerprint(), what="the policy", where=run_dir)
     if cfg.agent == "ppo_jax":
         from qpolicy.agents import ppo_jax
         from qpolicy.envs import make_core
@@ -214,6 +307,27 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Callable]:
     return cfg, load_sb3_policy(run_dir, cfg.agent)
 
 
+def policy_fingerprint(run_dir: Path, cfg: RunConfig) -> str | None:
+    """The config fingerprint the run's trained policy carries (None for a policy written before fingerprints);
+    FileNotFoundError when the run has no policy."""
+    from .io import read_json
+
+    if cfg.agent == "ppo_jax":
+        f = run_dir / "policy" / "policy.json"
+        if not f.exists():
+            raise FileNotFoundError(f"no trained policy in {run_dir} (expected policy/policy.json); run `qpolicy "
+                                    "train` first")
+        doc = read_json(f, what="policy metadata")
+        meta = doc.get("meta", {}) if isinstance(doc, dict) else {}
+        return meta.get(FINGERPRINT_KEY) if isinstance(meta, dict) else None
+    from qpolicy.agents.sb3 import zip_fingerprint
+
+    f = run_dir / "policy.zip"
+    if not f.exists():
+        raise FileNotFoundError(f"no trained policy in {run_dir} (expected policy.zip); run `qpolicy train` first")
+    return zip_fingerprint(f)
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
     """Export the run's schedule (the learned policy's mean schedule over the eval bank) in ``fmt``;
     the policy network itself stays in the run directory (policy.zip / policy.msgpack) and is copied
@@ -222,23 +336,25 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
     from qpolicy.schedule import BitSchedule
 
     run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    check_fingerprint(policy_fingerprint(run_dir, cfg), cfg.fingerprint(), what="the policy", where=run_dir)
     f = run_dir / "eval" / "learned_mean_schedule.json"
     if not f.exists():
         raise FileNotFoundError(f"{f} not found: run `qpolicy evaluate --run {run_dir}` first")
+    check_writable_target(out, what="export --out")
     sched = BitSchedule.load(f)
     paths = export(sched, out, fmt)
     if fmt == "json":  # the input-dependent policy's network travels next to its static fallback
         import shutil
 
         base = Path(paths[0])
-        if (run_dir / "policy.zip").exists():
-            dst = base.with_name(base.stem + "_policy.zip")
-            shutil.copyfile(run_dir / "policy.zip", dst)
-            paths.append(dst)
-        if (run_dir / "policy").is_dir():
+        if cfg.agent == "ppo_jax":
             dst = base.with_name(base.stem + "_policy")
             shutil.copytree(run_dir / "policy", dst, dirs_exist_ok=True)
-            paths.append(dst)
+        else:
+            dst = base.with_name(base.stem + "_policy.zip")
+            shutil.copyfile(run_dir / "policy.zip", dst)
+        paths.append(dst)
     return paths
 
 

@@ -91,6 +91,33 @@ class TrainConfig:
         put("data", kind="str")
         put("out", kind="str")
 
+    def fingerprint(self) -> str:
+        """Hash of the fields that shape the training trajectory (a resume must match it; steps, out, logging and
+        checkpoint cadence may change)."""
+        from .rundir import fingerprint
+
+        return fingerprint({k: v for k, v in dataclasses.asdict(self).items() if k not in _FREE_ON_RESUME})
+
+
+#: TrainConfig fields a resumed training may change
+_FREE_ON_RESUME = ("steps", "out", "wandb", "ckpt_every", "log_every", "time_limit_s", "name", "weights_dtype")
+
+
+def _check_resume(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a training state written under another config (its checkpoint records the fingerprint)."""
+    from .io import read_json
+    from .rundir import config_diff
+
+    meta = read_json(out / "meta.json", what="checkpoint metadata") if (out / "meta.json").exists() else {}
+    train = meta.get("train", {}) if isinstance(meta, dict) else {}
+    found = train.get("fingerprint") if isinstance(train, dict) else None
+    if found is not None and found != cfg.fingerprint():
+        old = {k: train[k] for k in ("preset", "batch_size", "lr", "ema_decay", "seed") if k in train}
+        changed = config_diff(old, {k: getattr(cfg, k) for k in old})
+        raise ValueError(f"out={str(out)!r} holds a training run of another config (fingerprint {found}, this "
+                         f"config {cfg.fingerprint()}{'; changed: ' + ', '.join(changed) if changed else ''}); "
+                         "resume with the same config or use another --out folder")
+
 
 def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     lr = optax.warmup_constant_schedule(0.0, cfg.lr, max(cfg.warmup, 1))
@@ -100,7 +127,18 @@ def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume, if ``out/train_state.msgpack`` exists) and write checkpoints into ``cfg.out``.
 
-    Returns a summary dict: steps, first/last logged loss, wall seconds."""
+    Returns a summary dict: steps, first/last logged loss, wall seconds. ``cfg.out`` is locked for the run (a second
+    writer is refused); a training state of another config (preset, data, lr, ...) is refused, not resumed."""
+    from .rundir import check_writable_target, locked
+
+    check_writable_target(cfg.out, what="out")
+    with locked(cfg.out, what="denoiser folder"):
+        if (Path(cfg.out) / "train_state.msgpack").exists():
+            _check_resume(Path(cfg.out), cfg)  # before any work
+        return _train_denoiser(cfg, progress=progress)
+
+
+def _train_denoiser(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
     ds = load_dataset(cfg.data, "train")
     h, w, c = ds.image_shape
     overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
@@ -127,7 +165,11 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
     resume_file = out / "train_state.msgpack"
     if resume_file.exists():
         restored = load_pytree(resume_file, what="training state")
-        state = flax.serialization.from_state_dict(state, restored)
+        try:
+            state = flax.serialization.from_state_dict(state, restored)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"out={str(out)!r} holds the training state of another model (not preset "
+                             f"{cfg.preset!r} on {cfg.data!r}): use another --out folder ({str(e)[:80]})") from None
     start = int(state["step"])
     if start >= cfg.steps:  # already trained this far: keep the checkpoint and its record as they are
         return {"steps": start, "first_loss": None, "last_loss": None, "wall_s": 0.0, "out": str(out),
@@ -164,7 +206,7 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
         return p, ema, opt, k, total / n
 
     tracker = Tracker(out, config=dataclasses.asdict(cfg), mode=cfg.wandb, name=cfg.name or out.name,
-                      resume=start > 0)
+                      resume_at=start if start > 0 else None)
     p, ema, opt = state["params"], state["ema"], state["opt"]
     k = jax.random.wrap_key_data(jnp.asarray(state["key"]))
     first_loss = last_loss = float("nan")
@@ -179,7 +221,7 @@ def train_denoiser(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]
         train_info = {"steps": step, "init_from": cfg.init_from, "prior_steps": prior_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
                       "preset": cfg.preset, "seed": cfg.seed, "wall_s": round(time.time() - t0, 1),
                       "machine": f"{platform.node()} {jax.devices()[0].device_kind}", "final_loss": last_loss,
-                      "complete": final and step >= cfg.steps}
+                      "complete": final and step >= cfg.steps, "fingerprint": cfg.fingerprint()}
         save_checkpoint(out, module=model, params=ema, schedule=schedule, dataset=cfg.data,
                         image_shape=ds.image_shape, train=train_info, name=cfg.name or out.name,
                         weights_dtype=cfg.weights_dtype)

@@ -147,3 +147,35 @@ def test_bad_config_names_field(field, value):
 def test_too_few_timesteps_names_field():
     with pytest.raises(ValueError, match="total_timesteps"):
         PPOConfig(num_envs=16, num_steps=32, total_timesteps=100)
+
+
+@pytest.mark.parametrize("num_seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_checkpointed_run_resumes_bit_exactly(tmp_path, num_seeds):
+    """Killed after the checkpoint at update 4 of 8 (and with a checkpoint of another config refused), the resumed
+    run ends with the uninterrupted run's params and metrics."""
+    from qpolicy.agents.ppo_jax import Checkpointer
+
+    cfg = PPOConfig(num_envs=4, num_steps=2, total_timesteps=4 * 2 * 8, hidden=(8,), num_seeds=num_seeds)
+    full = train(BanditCore(), cfg, progress=False, num_chunks=8)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_5(m, first):
+        if first == 5:
+            raise Killed
+
+    ck = Checkpointer(tmp_path, every=2, fingerprint="a" * 16)
+    with pytest.raises(Killed):
+        train(BanditCore(), cfg, progress=False, num_chunks=8, checkpoint=ck, on_chunk=die_at_5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ppo_00000004.json", "ppo_00000004.msgpack"]
+    with pytest.raises(ValueError, match="made under another config"):
+        train(BanditCore(), cfg, progress=False, num_chunks=8, checkpoint=Checkpointer(tmp_path, 2, "b" * 16))
+    firsts = []
+    res = train(BanditCore(), cfg, progress=False, num_chunks=8, checkpoint=Checkpointer(tmp_path, 2, "a" * 16),
+                on_chunk=lambda m, first: firsts.append(first))
+    assert firsts == [4, 5, 6, 7]
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(res.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for k, v in res.metrics.items():
+        np.testing.assert_array_equal(v, full.metrics[k][:, 4:])
