@@ -229,6 +229,25 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_deploy_onnx(a) -> int:
+    from .denoiser import load_denoiser
+    from .ort_runtime import deploy
+    from .schedule import BitSchedule
+
+    sched = BitSchedule.load(a.schedule)
+    den = load_denoiser(a.model or sched.model_id)
+    out = Path(a.out) if a.out else Path("out") / "deploy_onnx" / Path(a.schedule).stem
+    r = deploy(den, sched, out, n=a.n, threads=a.threads, repeats=a.repeats)
+    if a.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"onnxruntime, {r['n']} images, {len(r['segments'])} segment models in {out}")
+        print(f"final_error {r['final_error']:.4g} (vs FP sampler); final_error_vs_simulation "
+              f"{r['final_error_vs_simulation']:.4g}; rounded entries {len(r['rounding'])}")
+        print(f"denoiser seconds: FP ONNX {r['seconds_fp_onnx']:.3f}, quantized {r['seconds_quantized_onnx']:.3f}")
+    return 0
+
+
 def cmd_calibrate(a) -> int:
     from .denoiser import load_denoiser
     from .io import save_npy
@@ -397,6 +416,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="json", choices=FORMATS, help="output format")
     ex.add_argument("--out", required=True)
     ex.set_defaults(fn=cmd_export)
+
+    dp = sub.add_parser("deploy", help="run a bit schedule in a real runtime").add_subparsers(dest="sub",
+                                                                                             required=True)
+    do = dp.add_parser("onnx", help="onnxruntime: one QDQ model per schedule segment, switched per sampler step; "
+                                    "reports its error vs the FP sampler and vs qpolicy's simulation")
+    do.add_argument("--schedule", required=True, help="a BitSchedule JSON (e.g. a run's learned_mean_schedule.json)")
+    do.add_argument("--model", default=None, help="shipped model or checkpoint folder (default: the schedule's)")
+    do.add_argument("--n", type=int, default=16, help="images (the ONNX models' fixed batch size)")
+    do.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    do.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
+    do.add_argument("--out", default=None, help="folder for the models and manifest.json "
+                                                "(default out/deploy_onnx/<schedule stem>)")
+    do.add_argument("--json", action="store_true")
+    do.set_defaults(fn=cmd_deploy_onnx)
 
     c = sub.add_parser("calibrate", help="store static activation ranges with a model (its checkpoint folder)")
     c.add_argument("--model", default="digits16")
