@@ -297,7 +297,7 @@ def run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .export import FORMATS
+    from .export import DIR_FORMATS, FILE_FORMATS, FORMATS
 
     p = argparse.ArgumentParser(prog="qpolicy", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -411,10 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(fn=cmd_evaluate)
 
-    ex = sub.add_parser("export", help="export a run's bit schedule")
-    ex.add_argument("--run", required=True)
-    ex.add_argument("--format", default="json", choices=FORMATS, help="output format")
-    ex.add_argument("--out", required=True)
+    ex = sub.add_parser("export", help="export a run's bit schedule (its learned_mean_schedule.json)")
+    ex.add_argument("--run", required=True, help="an evaluated run directory")
+    ex.add_argument("--format", default="json", choices=FORMATS,
+                    help=f"output format; single file: {', '.join(FILE_FORMATS)}; a folder of files: "
+                         f"{', '.join(DIR_FORMATS)}")
+    ex.add_argument("--out", required=True,
+                    help=f"a FILE for {', '.join(FILE_FORMATS)} (an existing folder gets a default file name); "
+                         f"a FOLDER for {', '.join(DIR_FORMATS)} (created; per-segment files + manifest.json)")
     ex.set_defaults(fn=cmd_export)
 
     dp = sub.add_parser("deploy", help="run a bit schedule in a real runtime").add_subparsers(dest="sub",

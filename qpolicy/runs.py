@@ -214,6 +214,19 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Callable]:
     return cfg, load_sb3_policy(run_dir, cfg.agent)
 
 
+def run_schedule_path(run_dir: str | Path) -> Path:
+    """The run's exported schedule: ``learned_mean_schedule.json`` in the run folder (``qpolicy evaluate`` writes it
+    there) or in its ``eval/`` subfolder (older layout)."""
+    run_dir = Path(run_dir)
+    for f in (run_dir / "learned_mean_schedule.json", run_dir / "eval" / "learned_mean_schedule.json"):
+        if f.exists():
+            return f
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    raise FileNotFoundError(f"{run_dir} holds no learned_mean_schedule.json (nor eval/learned_mean_schedule.json): "
+                            f"the run was not evaluated; run `qpolicy evaluate --run {run_dir}` first")
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
     """Export the run's schedule (the learned policy's mean schedule over the eval bank) in ``fmt``;
     the policy network itself stays in the run directory (policy.zip / policy.msgpack) and is copied
@@ -222,10 +235,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
     from qpolicy.schedule import BitSchedule
 
     run_dir = Path(run_dir)
-    f = run_dir / "eval" / "learned_mean_schedule.json"
-    if not f.exists():
-        raise FileNotFoundError(f"{f} not found: run `qpolicy evaluate --run {run_dir}` first")
-    sched = BitSchedule.load(f)
+    sched = BitSchedule.load(run_schedule_path(run_dir))
     paths = export(sched, out, fmt)
     if fmt == "json":  # the input-dependent policy's network travels next to its static fallback
         import shutil
