@@ -146,15 +146,18 @@ def read_onnxruntime(path: str | os.PathLike) -> dict[str, list[dict]]:
             for t, v in d.items()}
 
 
-#: Qwix expresses integer qtypes int2..int8 (jnp dtypes int2, int4, int8 and Qwix's int3/5/6/7 where present);
-#: 16-bit and above cannot be expressed.
-QWIX_MAX_INT = 8
+#: Qwix 0.1.8's fake-quant (QtProvider) forward runs int5..int8 on XLA CPU; int2/int3/int4 operands fail there
+#: (XLA CPU rejects the sub-byte converts), and 16-bit is not a Qwix qtype.
+QWIX_MIN_INT, QWIX_MAX_INT = 5, 8
 
 
 def qwix_bits(bw: int, ba: int, kind: str) -> tuple[int, int, str | None]:
     """(weight bits, act bits, reason or None) Qwix can run for one layer (rule in the module docstring)."""
     w, a = bw, ba
     reasons = []
+    if min(w, a) < QWIX_MIN_INT:
+        w, a = max(w, QWIX_MIN_INT), max(a, QWIX_MIN_INT)
+        reasons.append(f"int2-int4 do not run in Qwix's fake-quant forward on CPU: rounded up to int{QWIX_MIN_INT}")
     if FP_BITS not in (w, a) and max(w, a) > QWIX_MAX_INT:
         w, a = (FP_BITS if w > QWIX_MAX_INT else w), (FP_BITS if a > QWIX_MAX_INT else a)
         reasons.append("16-bit is not a Qwix qtype: that side stays float")
@@ -202,7 +205,8 @@ _TARGETS: dict[str, tuple[Callable, str, list[str]]] = {
     "qwix": (_qwix, "Qwix QtRule list (qwix.QtRule(**rule) for each entry)", [
         "module_path is an anchored regex of the Flax module path; weight_qtype/act_qtype are 'int{bits}'; layers "
         "with 32-bit W and A have no rule, so Qwix leaves them in float.",
-        "Mapped choices (listed under 'rounding'): 16-bit sides stay float (not a Qwix qtype); a conv with "
+        "Mapped choices (listed under 'rounding'): 2-4 bits become int5 (Qwix 0.1.8's fake-quant forward fails on "
+        "XLA CPU for sub-byte qtypes); 16-bit sides stay float (not a Qwix qtype); a conv with "
         "different W and A widths takes the larger for both; a layer with one float side stays float. Qwix fixes "
         "bit widths at trace time: build one quantized model per segment and switch at the segment start steps.",
     ]),
