@@ -145,3 +145,19 @@ def test_qwix_fake_quant_forward_runs_the_rules_and_tracks_the_simulation(tmp_pa
     # the rules take effect at the simulation's error level; Qwix's own quantizer (its scales and rounding) is not
     # qpolicy's, so the two differ by about the quantization error itself (reported, not asserted smaller)
     assert 0.2 * sim_err < q_err < 5 * sim_err and vs_sim < 3 * sim_err
+
+
+@pytest.mark.slow
+def test_step_policy_nearest_first_last_n_is_measured_and_validates(tmp_path):
+    pytest.importorskip("jsonschema")
+    from qpolicy.step_policy import export_v1, validate
+
+    s = BitSchedule.load(DIGITS_SCHEDULE)  # a learned per-layer schedule: not a first_last_n policy
+    (p,) = export_v1(s, tmp_path / "config.json", n_images=16)
+    rt = json.loads(p.read_text())["quantization_config"]["runtime"]
+    validate(rt["diffusion_step_policy"])
+    rec = rt["qpolicy"]
+    assert rec["exact"] is False and 0 <= rt["diffusion_step_policy"]["n"] <= s.T // 2
+    assert rec["final_error_first_last_n"] > 0 and rec["final_error_schedule"] > 0 and rec["eval_images"] == 16
+    print(f"first_last_n n={rt['diffusion_step_policy']['n']}: final error {rec['final_error_first_last_n']:.4g} "
+          f"vs the schedule's {rec['final_error_schedule']:.4g}")
