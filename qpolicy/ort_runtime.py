@@ -37,7 +37,7 @@ from .engine import QuantEngine, make_engine, quant_config, relative_error
 from .io import atomic_write_json
 from .onnx_export import OnnxNameMap, _require, cached_onnx
 from .quant import compute_scale
-from .schedule import BitSchedule, ScheduleError
+from .schedule import BitSchedule, ScheduleError, equal_runs
 
 FP_BITS = 32
 ORT_INT_BITS = (8, 16)
@@ -92,14 +92,7 @@ def simulation_engine(den: Denoiser, schedule: BitSchedule, calib_n: int = 32) -
 
 def runtime_segments(bw: np.ndarray, ba: np.ndarray, buckets: np.ndarray) -> list[dict]:
     """Maximal runs of steps with equal (bits_w, bits_a) rows and equal range bucket: [{start, end, bucket}]."""
-    segs, start = [], 0
-    T = bw.shape[0]
-    for i in range(1, T + 1):
-        if i == T or not (np.array_equal(bw[i], bw[start]) and np.array_equal(ba[i], ba[start])
-                          and buckets[i] == buckets[start]):
-            segs.append({"start": start, "end": i, "bucket": int(buckets[start])})
-            start = i
-    return segs
+    return [{"start": a, "end": b, "bucket": int(buckets[a])} for a, b in equal_runs(bw, ba, np.asarray(buckets))]
 
 
 def tensor_overrides(names: OnnxNameMap, bw: np.ndarray, ba: np.ndarray, ranges: np.ndarray,

@@ -22,22 +22,12 @@ import numpy as np
 import yaml
 
 from .io import atomic_write_json, atomic_write_text
-from .schedule import BitSchedule
+from .schedule import BitSchedule, equal_runs
 
 FP_BITS = 32
 FILES = {"weight": "weight_mp.yaml", "act": "act_mp.yaml"}
 FP_LIST = "remain_fp.txt"
 CONFIG = "config.yaml"
-
-
-def _ranges(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal runs [start, end) of equal rows."""
-    out, start = [], 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or not np.array_equal(rows[i], rows[start]):
-            out.append((start, i))
-            start = i
-    return out
 
 
 def countdown_key(start: int, end: int, T: int) -> str:
@@ -60,7 +50,7 @@ def export_vidit(schedule: BitSchedule, out_dir: str | os.PathLike) -> list[Path
     rounding, written = [], []
     for side, bits in (("weight", schedule.bits_w), ("act", schedule.bits_a)):
         doc = {}
-        for start, end in _ranges(bits[:, q_layers]):
+        for start, end in equal_runs(bits[:, q_layers]):
             row = {}
             for l in q_layers:
                 b = int(bits[start, l])
