@@ -37,7 +37,8 @@ SEGMENT_FORMATS = ("modelopt", "onnxruntime", "qwix")
 #: single-file formats: --out is a file (an existing folder gets the default name)
 FILE_FORMATS = ("json", "csv", "step_policy", "step_policy_v2")
 #: multi-file formats: --out is a folder
-DIR_FORMATS = ("vidit",) + SEGMENT_FORMATS
+#: "policy_onnx" needs a run (its policy network): qpolicy.runs.export_run
+DIR_FORMATS = ("vidit",) + SEGMENT_FORMATS + ("policy_onnx",)
 FORMATS = FILE_FORMATS + DIR_FORMATS
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "qpolicy-segment-manifest"
@@ -312,6 +313,9 @@ def export(schedule: BitSchedule, out: str | os.PathLike, fmt: str, *, den: Any 
         if fmt == "step_policy":
             return step_policy.export_v1(schedule, out, den=den)
         return step_policy.export_v2(schedule, out, policy_network=policy_network)
+    if fmt == "policy_onnx":
+        raise ValueError("format 'policy_onnx' exports a run's policy network: use qpolicy.runs.export_run "
+                         "(`qpolicy export --run DIR --format policy_onnx`)")
     if fmt == "vidit":
         from .vidit import export_vidit
 

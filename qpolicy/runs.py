@@ -236,6 +236,17 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
 
     run_dir = Path(run_dir)
     sched = BitSchedule.load(run_schedule_path(run_dir))
+    if fmt == "policy_onnx":  # the network + observation recipe, the mean schedule, a v2 step policy naming both
+        from qpolicy.policy_export import OBS_RECIPE, POLICY_ONNX, export_policy_onnx
+
+        if not (run_dir / "policy" / "policy.json").exists():
+            raise FileNotFoundError(f"{run_dir} has no JAX-PPO policy folder (policy/policy.json); format "
+                                    "'policy_onnx' converts JAX-PPO policies only (SB3 policy.zip is not converted)")
+        out = Path(out)
+        paths = export_policy_onnx(run_dir / "policy", out)
+        paths.append(sched.save(out / "mean_schedule.json"))
+        net = {"onnx": POLICY_ONNX, "observation": {"file": OBS_RECIPE}, "static_fallback": "mean_schedule.json"}
+        return paths + export(sched, out / "config.json", "step_policy_v2", policy_network=net)
     paths = export(sched, out, fmt)
     if fmt == "json":  # the input-dependent policy's network travels next to its static fallback
         import shutil

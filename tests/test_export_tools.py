@@ -161,3 +161,28 @@ def test_step_policy_nearest_first_last_n_is_measured_and_validates(tmp_path):
     assert rec["final_error_first_last_n"] > 0 and rec["final_error_schedule"] > 0 and rec["eval_images"] == 16
     print(f"first_last_n n={rt['diffusion_step_policy']['n']}: final error {rec['final_error_first_last_n']:.4g} "
           f"vs the schedule's {rec['final_error_schedule']:.4g}")
+
+
+@pytest.mark.slow
+def test_policy_network_exports_to_onnx_with_its_observation_recipe(tmp_path):
+    pytest.importorskip("jax2onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import jax
+
+    from qpolicy.agents.ppo_jax import load_policy, policy_fn
+    from qpolicy.step_policy import validate
+
+    run = RESULTS / "cpu" / "digits16_ppo_jax_demo"
+    paths = export_run(run, "policy_onnx", tmp_path / "pol")
+    assert [p.name for p in paths] == ["policy.onnx", "observation.json", "mean_schedule.json", "config.json"]
+    recipe = json.loads(paths[1].read_text())
+    params, cfg, meta = load_policy(run / "policy")
+    assert len(recipe["obs_names"]) == meta["obs_size"] and recipe["obs_names"][0] == "step_frac"
+    obs = np.asarray(jax.random.normal(jax.random.key(1), (1, meta["obs_size"])))
+    action, bits = ort.InferenceSession(str(paths[0])).run(None, {"obs": obs})
+    ref = np.asarray(policy_fn(cfg, meta)(params, obs, jax.random.key(0), True))
+    np.testing.assert_array_equal(action, ref)  # the deterministic policy, as qpolicy evaluate rolls it
+    np.testing.assert_array_equal(bits, np.asarray(recipe["action"]["bit_choices"])[ref])
+    v2 = json.loads(paths[3].read_text())["quantization_config"]["runtime"]["diffusion_step_policy"]
+    validate(v2)
+    assert v2["policy_network"]["onnx"] == "policy.onnx"
