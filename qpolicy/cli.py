@@ -237,7 +237,7 @@ def cmd_deploy_onnx(a) -> int:
     sched = BitSchedule.load(a.schedule)
     den = load_denoiser(a.model or sched.model_id)
     out = Path(a.out) if a.out else Path("out") / "deploy_onnx" / Path(a.schedule).stem
-    r = deploy(den, sched, out, n=a.n, threads=a.threads, repeats=a.repeats)
+    r = deploy(den, sched, out, n=a.n, threads=a.threads, repeats=a.repeats, calib_n=a.calib_n)
     if a.json:
         print(json.dumps(r, indent=1))
     else:
@@ -430,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     do.add_argument("--n", type=int, default=16, help="images (the ONNX models' fixed batch size)")
     do.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     do.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
+    do.add_argument("--calib-n", type=int, default=32,
+                    help="calibration images (calib noise bank) for the static activation ranges ORT and the "
+                         "simulation share")
     do.add_argument("--out", default=None, help="folder for the models and manifest.json "
                                                 "(default out/deploy_onnx/<schedule stem>)")
     do.add_argument("--json", action="store_true")
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"qpolicy: error: {e}", file=sys.stderr)
         return 2
 

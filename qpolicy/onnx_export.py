@@ -196,6 +196,7 @@ def cached_onnx(den: Denoiser, batch: int) -> tuple[Path, OnnxNameMap]:
     """The FP ONNX model of ``den`` at ``batch`` from the on-disk cache (exported on first use)."""
     from importlib.metadata import version
 
+    _require("jax2onnx")
     tag = hashlib.sha256(f"{den.layer_hash}|{batch}|{version('jax2onnx')}".encode()).hexdigest()[:10]
     path = cache_dir() / "onnx" / f"{den.name}_{weights_hash(den)}_{tag}_b{batch}.onnx"
     names = path.with_suffix(".names.json")

@@ -242,7 +242,8 @@ def build(den: Denoiser, schedule: BitSchedule, out_dir: str | Path, *, batch: i
         "sampler": schedule.sampler, "batch": batch, "fp_model": str(fp_path), "name_map": names_path.name,
         "how_to_use": "before sampler step i, run the model of the segment with start <= i < end (end exclusive); "
                       "inputs x (B, H, W, C) float32 and t (B,) int32, output eps",
-        "simulation": {"preset": "plain", "act_ranges": "static", "range_buckets": eng.qcfg.range_buckets},
+        "simulation": {"preset": "plain", "act_ranges": "static", "range_buckets": eng.qcfg.range_buckets,
+                       "calib_n": calib_n},
         "segments": [{**sg, "file": p.name} for sg, p in zip(segs, paths)],
         "applied": applied, "rounding": rounding,
         "bits_w_executed": bw.tolist(), "bits_a_executed": ba.tolist()})
@@ -276,7 +277,7 @@ def _run_sampler(eng: QuantEngine, keys: jax.Array, eps_at) -> tuple[np.ndarray,
 
 
 def deploy(den: Denoiser, schedule: BitSchedule, out_dir: str | Path, *, n: int = 16, seed: int = DEPLOY_SEED,
-           threads: int = 1, repeats: int = 3) -> dict[str, Any]:
+           threads: int = 1, repeats: int = 3, calib_n: int = 32) -> dict[str, Any]:
     """Run ``schedule`` in onnxruntime on ``n`` images (noise stream ``seed``) and compare.
 
     Returns final_error (ORT vs the JAX FP sampler, same noise), final_error_vs_simulation (ORT vs qpolicy's
@@ -284,7 +285,7 @@ def deploy(den: Denoiser, schedule: BitSchedule, out_dir: str | Path, *, n: int 
     fp_onnx_error (FP ONNX vs JAX FP), seconds (best of ``repeats``, denoiser calls only) for the FP and the
     quantized ORT runs, the runtime segments, the rounding list and the per-segment applied-bits check.
     """
-    dep = build(den, schedule, out_dir, batch=n)
+    dep = build(den, schedule, out_dir, batch=n, calib_n=calib_n)
     eng = dep.engine
     keys = image_keys(seed, n)
     ts = schedule.timesteps
@@ -315,7 +316,8 @@ def deploy(den: Denoiser, schedule: BitSchedule, out_dir: str | Path, *, n: int 
         "seconds_fp_onnx": runs["fp"][1], "seconds_quantized_onnx": runs["quantized"][1],
         "speedup": runs["fp"][1] / runs["quantized"][1], "threads": threads, "repeats": repeats,
         "build_seconds": dep.build_seconds,
-        "simulation": {"preset": "plain", "act_ranges": "static", "range_buckets": eng.qcfg.range_buckets},
+        "simulation": {"preset": "plain", "act_ranges": "static", "range_buckets": eng.qcfg.range_buckets,
+                       "calib_n": calib_n},
         "segments": [{**s, "model": p.name} for s, p in zip(dep.segments, dep.model_paths)],
         "applied": dep.applied, "rounding": dep.rounding,
         "bits_w_executed": dep.bits_w.tolist(), "bits_a_executed": dep.bits_a.tolist(),

@@ -76,9 +76,9 @@ def nearest_first_last_n(schedule: BitSchedule) -> tuple[int, np.ndarray, np.nda
 
 
 def measure(schedule: BitSchedule, variants: dict[str, tuple[np.ndarray, np.ndarray]], *, n_images: int = 64,
-            den: Any = None) -> dict[str, float]:
+            den: Any = None, calib_n: int = 32) -> dict[str, float]:
     """Final error (mean over ``n_images`` eval-bank images) of each (bits_w, bits_a) under qpolicy's simulation with
-    the schedule's quantizer (its preset when recorded, act ranges, specs)."""
+    the schedule's quantizer (its preset when recorded, act ranges, specs; ``calib_n`` calibration images)."""
     from .banks import reference_bank
     from .denoiser import load_denoiser
     from .engine import PTQ_FIELDS, evaluate_schedule, make_engine, quant_config
@@ -89,7 +89,7 @@ def measure(schedule: BitSchedule, variants: dict[str, tuple[np.ndarray, np.ndar
     qcfg = quant_config(q.get("preset", "ptq") if q.get("preset") in ("ptq", "plain") else "ptq",
                         act_ranges=q["act_ranges"], w_spec=quant_spec_from(q["weights"]),
                         a_spec=quant_spec_from(q["activations"], "quantizer.activations"), bit_choices=choices,
-                        **{k: q[k] for k in PTQ_FIELDS if k in q})
+                        calib_n=calib_n, **{k: q[k] for k in PTQ_FIELDS if k in q})
     eng = make_engine(den, steps=s["steps"], sampler=s["kind"], eta=float(s.get("eta", 0.0)), qcfg=qcfg)
     bank = reference_bank(eng, "eval", n_images)
     return {k: evaluate_schedule(eng, bank, bw, ba)["final_error"] for k, (bw, ba) in variants.items()}
@@ -99,7 +99,8 @@ def v1_policy(n: int) -> dict:
     return {"schema_version": 1, "type": "first_last_n", "n": int(n)}
 
 
-def export_v1(schedule: BitSchedule, out: str | os.PathLike, *, n_images: int = 64, den: Any = None) -> list[Path]:
+def export_v1(schedule: BitSchedule, out: str | os.PathLike, *, n_images: int = 64, den: Any = None,
+              calib_n: int = 32) -> list[Path]:
     """Write a diffusers component ``config.json`` with the v1 policy (exact, or the nearest one and its measured
     error); qpolicy's record of the choice goes under ``quantization_config.runtime.qpolicy``."""
     out = Path(out)
@@ -112,11 +113,11 @@ def export_v1(schedule: BitSchedule, out: str | os.PathLike, *, n_images: int = 
         n, nw, na = nearest_first_last_n(schedule)
         errs = measure(schedule, {"schedule": (schedule.bits_w, schedule.bits_a),
                                   "first_last_n": first_last_n_bits(nw, na, schedule.T, n)},
-                       n_images=n_images, den=den)
+                       n_images=n_images, den=den, calib_n=calib_n)
         record.update({"note": "the schedule is not a first_last_n policy; this is the nearest one",
                        "native_bits_w": nw.tolist(), "native_bits_a": na.tolist(),
                        "final_error_schedule": errs["schedule"], "final_error_first_last_n": errs["first_last_n"],
-                       "eval_images": n_images})
+                       "eval_images": n_images, "calib_images": calib_n})
     cfg = {"quantization_config": {"runtime": {"diffusion_step_policy": v1_policy(n), "qpolicy": record}}}
     return [atomic_write_json(out, cfg)]
 

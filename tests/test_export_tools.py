@@ -135,9 +135,10 @@ def test_qwix_fake_quant_forward_runs_the_rules_and_tracks_the_simulation(tmp_pa
     i = seg["start"]
     x = jax.random.normal(jax.random.key(0), (8, *den.image_shape))
     t = jnp.full((8,), s.timesteps[i], jnp.int32)
-    eps_qwix = qm.apply(den.variables, x, t)
-    eps_sim = eng.eps(x, i, jnp.asarray(run_bits[0], jnp.int32), jnp.asarray(run_bits[1], jnp.int32))
-    eps_fp = den(x, t)
+    eps_qwix = jax.jit(qm.apply)(den.variables, x, t)
+    eps_sim = jax.jit(eng.eps, static_argnums=1)(x, i, jnp.asarray(run_bits[0], jnp.int32),
+                                                 jnp.asarray(run_bits[1], jnp.int32))
+    eps_fp = jax.jit(den.__call__)(x, t)
     q_err = float(jnp.mean(relative_error(eps_qwix, eps_fp)))
     vs_sim = float(jnp.mean(relative_error(eps_qwix, eps_sim)))
     sim_err = float(jnp.mean(relative_error(eps_sim, eps_fp)))
@@ -150,10 +151,17 @@ def test_qwix_fake_quant_forward_runs_the_rules_and_tracks_the_simulation(tmp_pa
 @pytest.mark.slow
 def test_step_policy_nearest_first_last_n_is_measured_and_validates(tmp_path):
     pytest.importorskip("jsonschema")
+    from qpolicy.denoiser import load_denoiser
+    from qpolicy.diffusion import make_sampler
+    from qpolicy.engine import quant_config
     from qpolicy.step_policy import export_v1, validate
 
-    s = BitSchedule.load(DIGITS_SCHEDULE)  # a learned per-layer schedule: not a first_last_n policy
-    (p,) = export_v1(s, tmp_path / "config.json", n_images=16)
+    den = load_denoiser("digits16")
+    bits = np.full((10, len(den.layers)), 8)
+    bits[3:7, ::2] = 5  # per-layer and per-step: not a first_last_n policy
+    s = BitSchedule.for_denoiser(den, make_sampler(den.schedule, "ddim", 10), bits,
+                                 quantizer=quant_config("plain").quantizer_block())  # plain: no PTQ calibration
+    (p,) = export_v1(s, tmp_path / "config.json", n_images=16, den=den)
     rt = json.loads(p.read_text())["quantization_config"]["runtime"]
     validate(rt["diffusion_step_policy"])
     rec = rt["qpolicy"]
