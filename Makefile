@@ -22,10 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest --durations=15
 
-# the slow integration tests (Ray Tune sweep, integer execution of a shipped model, searches at full size);
-# installs the sweep extra (Ray Tune) into .venv first
+# the slow integration tests (Ray Tune sweep, integer execution of a shipped model, searches at full size, export
+# targets loaded by the real tools); installs the sweep and export extras into .venv first
 test-all: $(STAMP)
-	$(BIN)/pip install -q -e ".[test,sweep]"
+	$(BIN)/pip install -q -e ".[test,sweep,export]"
 	WANDB_MODE=offline $(BIN)/python -m pytest -m slow
 
 clean:

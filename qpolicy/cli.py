@@ -282,6 +282,25 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_deploy_onnx(a) -> int:
+    from .denoiser import load_denoiser
+    from .ort_runtime import deploy
+    from .schedule import BitSchedule
+
+    sched = BitSchedule.load(a.schedule)
+    den = load_denoiser(a.model or sched.model_id)
+    out = Path(a.out) if a.out else Path("out") / "deploy_onnx" / Path(a.schedule).stem
+    r = deploy(den, sched, out, n=a.n, threads=a.threads, repeats=a.repeats, calib_n=a.calib_n)
+    if a.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"onnxruntime, {r['n']} images, {len(r['segments'])} segment models in {out}")
+        print(f"final_error {r['final_error']:.4g} (vs FP sampler); final_error_vs_simulation "
+              f"{r['final_error_vs_simulation']:.4g}; rounded entries {len(r['rounding'])}")
+        print(f"denoiser seconds: FP ONNX {r['seconds_fp_onnx']:.3f}, quantized {r['seconds_quantized_onnx']:.3f}")
+    return 0
+
+
 def cmd_calibrate(a) -> int:
     from .denoiser import load_denoiser
     from .io import save_npy
@@ -332,7 +351,7 @@ def run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .export import FORMATS
+    from .export import DIR_FORMATS, FILE_FORMATS, FORMATS
 
     p = _Parser(prog="qpolicy", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -449,11 +468,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(fn=cmd_evaluate)
 
-    ex = sub.add_parser("export", help="export a run's bit schedule")
-    ex.add_argument("--run", required=True, help="run directory (evaluated)")
-    ex.add_argument("--format", default="json", choices=FORMATS, help="output format")
-    ex.add_argument("--out", required=True, help="output file (its folder is created)")
+    ex = sub.add_parser("export", help="export a run's bit schedule (its learned_mean_schedule.json)")
+    ex.add_argument("--run", required=True, help="an evaluated run directory")
+    ex.add_argument("--format", default="json", choices=FORMATS,
+                    help=f"output format; single file: {', '.join(FILE_FORMATS)}; a folder of files: "
+                         f"{', '.join(DIR_FORMATS)}")
+    ex.add_argument("--out", required=True,
+                    help=f"a FILE for {', '.join(FILE_FORMATS)} (an existing folder gets a default file name); "
+                         f"a FOLDER for {', '.join(DIR_FORMATS)} (created; per-segment files + manifest.json)")
     ex.set_defaults(fn=cmd_export)
+
+    dp = sub.add_parser("deploy", help="run a bit schedule in a real runtime").add_subparsers(dest="sub",
+                                                                                             required=True)
+    do = dp.add_parser("onnx", help="onnxruntime: one QDQ model per schedule segment, switched per sampler step; "
+                                    "reports its error vs the FP sampler and vs qpolicy's simulation")
+    do.add_argument("--schedule", required=True, help="a BitSchedule JSON (e.g. a run's learned_mean_schedule.json)")
+    do.add_argument("--model", default=None, help="shipped model or checkpoint folder (default: the schedule's)")
+    do.add_argument("--n", type=int, default=16, help="images (the ONNX models' fixed batch size)")
+    do.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    do.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
+    do.add_argument("--calib-n", type=int, default=32,
+                    help="calibration images (calib noise bank) for the static activation ranges ORT and the "
+                         "simulation share")
+    do.add_argument("--out", default=None, help="folder for the models and manifest.json "
+                                                "(default out/deploy_onnx/<schedule stem>)")
+    do.add_argument("--json", action="store_true")
+    do.set_defaults(fn=cmd_deploy_onnx)
 
     c = sub.add_parser("calibrate", help="store static activation ranges with a model (its checkpoint folder)")
     c.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder")
@@ -510,7 +550,7 @@ def _cli_errors() -> tuple[type[BaseException], ...]:
 
     from .rundir import LockedError
 
-    return (OSError, ValueError, yaml.YAMLError, LockedError)
+    return (OSError, ValueError, ImportError, yaml.YAMLError, LockedError)
 
 
 def main(argv: list[str] | None = None) -> int:

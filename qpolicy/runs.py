@@ -328,6 +328,19 @@ def policy_fingerprint(run_dir: Path, cfg: RunConfig) -> str | None:
     return zip_fingerprint(f)
 
 
+def run_schedule_path(run_dir: str | Path) -> Path:
+    """The run's exported schedule: ``learned_mean_schedule.json`` in the run folder (``qpolicy evaluate`` writes it
+    there) or in its ``eval/`` subfolder (older layout)."""
+    run_dir = Path(run_dir)
+    for f in (run_dir / "learned_mean_schedule.json", run_dir / "eval" / "learned_mean_schedule.json"):
+        if f.exists():
+            return f
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    raise FileNotFoundError(f"{run_dir} holds no learned_mean_schedule.json (nor eval/learned_mean_schedule.json): "
+                            f"the run was not evaluated; run `qpolicy evaluate --run {run_dir}` first")
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
     """Export the run's schedule (the learned policy's mean schedule over the eval bank) in ``fmt``;
     the policy network itself stays in the run directory (policy.zip / policy.msgpack) and is copied
@@ -338,11 +351,19 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     check_fingerprint(policy_fingerprint(run_dir, cfg), cfg.fingerprint(), what="the policy", where=run_dir)
-    f = run_dir / "eval" / "learned_mean_schedule.json"
-    if not f.exists():
-        raise FileNotFoundError(f"{f} not found: run `qpolicy evaluate --run {run_dir}` first")
     check_writable_target(out, what="export --out")
-    sched = BitSchedule.load(f)
+    sched = BitSchedule.load(run_schedule_path(run_dir))
+    if fmt == "policy_onnx":  # the network + observation recipe, the mean schedule, a v2 step policy naming both
+        from qpolicy.policy_export import OBS_RECIPE, POLICY_ONNX, export_policy_onnx
+
+        if not (run_dir / "policy" / "policy.json").exists():
+            raise FileNotFoundError(f"{run_dir} has no JAX-PPO policy folder (policy/policy.json); format "
+                                    "'policy_onnx' converts JAX-PPO policies only (SB3 policy.zip is not converted)")
+        out = Path(out)
+        paths = export_policy_onnx(run_dir / "policy", out)
+        paths.append(sched.save(out / "mean_schedule.json"))
+        net = {"onnx": POLICY_ONNX, "observation": {"file": OBS_RECIPE}, "static_fallback": "mean_schedule.json"}
+        return paths + export(sched, out / "config.json", "step_policy_v2", policy_network=net)
     paths = export(sched, out, fmt)
     if fmt == "json":  # the input-dependent policy's network travels next to its static fallback
         import shutil

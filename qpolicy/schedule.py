@@ -174,15 +174,20 @@ def _layer_name_list(layer_names: Any) -> list[str]:
     return [getattr(n, "path", n) for n in layer_names]
 
 
-def _compute_segments(bw: np.ndarray, ba: np.ndarray, timesteps: Sequence[int]) -> list[dict]:
-    segs, start = [], 0
-    T = bw.shape[0]
+def equal_runs(*arrays: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of consecutive rows (axis 0) on which every array keeps the row it has at start."""
+    T = len(arrays[0])
+    runs, start = [], 0
     for i in range(1, T + 1):
-        if i == T or not (np.array_equal(bw[i], bw[start]) and np.array_equal(ba[i], ba[start])):
-            segs.append({"start": start, "end": i, "timesteps": [int(t) for t in timesteps[start:i]],
-                         "bits_w": bw[start].tolist(), "bits_a": ba[start].tolist()})
+        if i == T or not all(np.array_equal(a[i], a[start]) for a in arrays):
+            runs.append((start, i))
             start = i
-    return segs
+    return runs
+
+
+def _compute_segments(bw: np.ndarray, ba: np.ndarray, timesteps: Sequence[int]) -> list[dict]:
+    return [{"start": a, "end": b, "timesteps": [int(t) for t in timesteps[a:b]], "bits_w": bw[a].tolist(),
+             "bits_a": ba[a].tolist()} for a, b in equal_runs(bw, ba)]
 
 
 # --------------------------------------------------------------------------- #

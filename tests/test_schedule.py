@@ -298,35 +298,86 @@ def test_segment_exporters(tmp_path, fmt):
     assert man["segments"][1]["timesteps"] == TIMESTEPS[2:5] and "switch configs" in man["how_to_use"]
     assert [g["file"] for g in man["segments"]] == [p.name for p in paths[:-1]]
     seg1 = paths[1]  # segment 1: bits_w = B = [2, 16, 8], bits_a = B reversed = [8, 16, 2]
-    if fmt == "vidit_yaml":
-        y0 = yaml.safe_load(paths[0].read_text())  # segment 0: W [4, 8, 32], A [32, 8, 4]
-        assert y0["mixed_precision"]["conv_in"] == {"w_bit": 4, "a_bit": None}
-        assert y0["mixed_precision"]["up_0.block_1.conv_0"] == {"w_bit": None, "a_bit": 4}
-        y1 = yaml.safe_load(seg1.read_text())
-        assert y1["mixed_precision"]["mid.attn.qkv"] == {"w_bit": 16, "a_bit": 16} and y1["fp_layers"] == []
-    elif fmt == "modelopt":
+    if fmt == "modelopt":
         c = json.loads(seg1.read_text())
         q = c["quant_cfg"]
-        assert c["algorithm"] == "max" and q["default"] == {"enable": False}
-        assert q["*conv_in*weight_quantizer"] == {"num_bits": 2, "axis": 0}
-        assert q["*up_0.block_1.conv_0*input_quantizer"] == {"num_bits": 2, "axis": None}
-        q0 = json.loads(paths[0].read_text())["quant_cfg"]
-        assert q0["*up_0.block_1.conv_0*weight_quantizer"] == {"enable": False}
+        assert c["algorithm"] == "max" and q[0] == {"quantizer_name": "*", "enable": False}  # first, not last
+        by = {e["quantizer_name"]: e["cfg"] for e in q[1:]}
+        assert by["conv_in.weight_quantizer"] == {"num_bits": 2, "narrow_range": True, "axis": 0}
+        assert by["up_0.block_1.conv_0.input_quantizer"] == {"num_bits": 2, "axis": None}
+        q0 = {e["quantizer_name"] for e in json.loads(paths[0].read_text())["quant_cfg"][1:]}
+        assert "up_0.block_1.conv_0.weight_quantizer" not in q0 and "conv_in.input_quantizer" not in q0  # 32 bits
     elif fmt == "onnxruntime":
         o = json.loads(seg1.read_text())
-        assert o["conv_in.weight"] == [{"quant_type": "QInt4", "symmetric": True, "axis": 0}]
-        assert o["mid.attn.qkv.weight"][0]["quant_type"] == "QInt16"
+        assert o["conv_in.weight"] == [{"quant_type": "QInt8", "symmetric": True, "axis": 0}]  # Conv OIHW
+        assert o["mid.attn.qkv.weight"] == [{"quant_type": "QInt16", "symmetric": True, "axis": 1}]  # Gemm (in, out)
         assert o["conv_in.input"] == [{"quant_type": "QUInt8", "symmetric": False}]
-        o0 = json.loads(paths[0].read_text())
-        assert "up_0.block_1.conv_0.weight" not in o0 and "conv_in.input" not in o0  # 32 bits -> omitted
-        assert {"segment": 1, "tensor": "conv_in.weight", "requested_bits": 2, "exported_bits": 4,
-                "quant_type": "QInt4"} in man["rounding"]
+        o0 = json.loads(paths[0].read_text())  # conv_in W4/A32 and up conv W32/A4: one float side -> layer float
+        assert set(o0) == {"mid.attn.qkv.weight", "mid.attn.qkv.input"}
+        assert {"segment": 1, "tensor": "conv_in.weight", "requested_bits": 2, "exported_bits": 8,
+                "reason": "onnxruntime QDQ integer types are (8, 16) bits"} in man["rounding"]
+        pytest.importorskip("onnxruntime")
+        from onnxruntime.quantization import QuantType
+
+        from qpolicy.export import read_onnxruntime
+
+        assert read_onnxruntime(seg1)["conv_in.weight"][0]["quant_type"] is QuantType.QInt8
     elif fmt == "qwix":
-        rules = json.loads(seg1.read_text())
-        assert rules[0] == {"module_path": "^conv_in$", "weight_qtype": "int2", "act_qtype": "int8"}
-        assert re.fullmatch(rules[2]["module_path"], "up_0/block_1/conv_0")
-        assert not re.fullmatch(rules[2]["module_path"], "up_0/block_1/conv_0x")
-        assert json.loads(paths[0].read_text())[0]["act_qtype"] is None
+        rules = json.loads(seg1.read_text())  # W [2, 16, 8], A [8, 16, 2]
+        assert rules[0] == {"module_path": "^conv_in$", "weight_qtype": "int8", "act_qtype": "int8"}  # conv: larger
+        assert len(rules) == 2 and re.fullmatch(rules[1]["module_path"], "up_0/block_1/conv_0")  # 16-bit -> float
+        assert not re.fullmatch(rules[1]["module_path"], "up_0/block_1/conv_0x")
+        assert [r["module_path"] for r in json.loads(paths[0].read_text())] == ["^mid/attn/qkv$"]
+        assert any("16-bit is not a Qwix qtype" in r["reason"] for r in man["rounding"])
+
+
+def test_vidit_files_read_back_by_vidit_layout(tmp_path):
+    from qpolicy.vidit import read_vidit
+
+    s = hand_schedule()
+    paths = export(s, tmp_path / "vq", "vidit")
+    assert [p.name for p in paths] == ["weight_mp.yaml", "act_mp.yaml", "remain_fp.txt", "config.yaml",
+                                       "manifest.json"]
+    w = yaml.safe_load(paths[0].read_text())
+    assert list(w) == ["5-4", "3-1", "0-0"]  # inclusive ranges of a count-down step index (T=6)
+    assert w["3-1"] == {"conv_in": 2, "mid.attn.qkv": 16, "up_0.block_1.conv_0": 8}
+    cfg = yaml.safe_load(paths[3].read_text())
+    assert cfg["mixed_precision"] == [2, 4, 8, 16]  # the candidate widths, not per-layer bits
+    bw, ba = read_vidit(tmp_path / "vq", [s.alias(l) for l in range(s.L)], s.T)
+    np.testing.assert_array_equal(bw, np.where(s.bits_w == 32, 16, s.bits_w))  # 32 inside a quantized layer
+    np.testing.assert_array_equal(ba, np.where(s.bits_a == 32, 16, s.bits_a))  # has no ViDiT-Q spelling
+    man = json.loads(paths[-1].read_text())
+    assert len(man["rounding"]) == 4 and all(r["exported_bits"] == 16 for r in man["rounding"])
+    # a layer float everywhere goes to remain_fp.txt and reads back as 32
+    s2 = BitSchedule.for_denoiser(fake_den(), fake_sampler(), np.array([[4, 32, 8]] * 6), np.array([[8, 32, 8]] * 6))
+    export(s2, tmp_path / "vq2", "vidit")
+    assert (tmp_path / "vq2" / "remain_fp.txt").read_text() == "mid.attn.qkv\n"
+    bw, ba = read_vidit(tmp_path / "vq2", [s2.alias(l) for l in range(3)], 6)
+    np.testing.assert_array_equal(bw, s2.bits_w) and np.testing.assert_array_equal(ba, s2.bits_a)
+
+
+def test_step_policy_v1_exact_and_v2_schema(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from qpolicy.step_policy import fits_first_last_n, nearest_first_last_n, validate
+
+    ba = np.array([[16, 16, 16]] * 2 + [[8, 8, 4]] * 2 + [[16, 16, 16]] * 2)
+    s = BitSchedule.for_denoiser(fake_den(), fake_sampler(), np.array([8, 8, 4]), ba)
+    assert fits_first_last_n(s) == 2
+    (p,) = export(s, tmp_path / "config.json", "step_policy")
+    pol = json.loads(p.read_text())["quantization_config"]["runtime"]["diffusion_step_policy"]
+    assert pol == {"schema_version": 1, "type": "first_last_n", "n": 2}
+    validate(pol)
+    h = hand_schedule()
+    assert fits_first_last_n(h) is None and nearest_first_last_n(h)[0] in range(4)
+    (p2,) = export(h, tmp_path / "v2.json", "step_policy_v2")
+    v2 = json.loads(p2.read_text())["quantization_config"]["runtime"]["diffusion_step_policy"]
+    validate(v2)
+    assert v2["bits"]["weights"] == h.bits_w.tolist() and v2["layers"][1] == "mid.attn.qkv"
+    bad = {**v2, "bits": {"weights": v2["bits"]["weights"], "activations": [[8]]}}
+    with pytest.raises(ValueError, match="steps x layers"):
+        validate(bad)
+    with pytest.raises(jsonschema.ValidationError):
+        validate({**pol, "type": "per_layer"})
 
 
 def test_export_dispatch_and_stale_cleanup(tmp_path):
@@ -340,6 +391,8 @@ def test_export_dispatch_and_stale_cleanup(tmp_path):
     out = tmp_path / "q"
     export(s, out, "qwix")
     (out / "notes.txt").write_text("user file")
+    with pytest.raises(ValueError, match="writes several files: give a folder"):
+        export(s, out / "notes.txt", "modelopt")
     paths = export(BitSchedule.uniform(fake_den(), fake_sampler(), 8, 8), out, "qwix")
     assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in paths] + ["notes.txt"])
 
@@ -365,5 +418,5 @@ def test_real_denoiser_digits16(tmp_path):
         load_schedule_for(p, den, make_sampler(den.schedule, "ddim", 20))
     paths = export(s, tmp_path / "mo", "modelopt")
     assert len(paths) == 3
-    cfg = json.loads(paths[1].read_text())["quant_cfg"]
-    assert cfg["*down_0.block_0.conv_0*weight_quantizer"] == {"num_bits": 4, "axis": 0}
+    cfg = {e["quantizer_name"]: e.get("cfg") for e in json.loads(paths[1].read_text())["quant_cfg"]}
+    assert cfg["down_0.block_0.conv_0.weight_quantizer"] == {"num_bits": 4, "narrow_range": True, "axis": 0}
