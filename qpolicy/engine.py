@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
-import json
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -23,16 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .banks import ReferenceBank, cache_dir
+from .banks import ReferenceBank
 from .bits import DEFAULT_BIT_CHOICES, check_bits, check_choices, to_index
 from .config import check
 from .cost import CostModel
-from .denoiser import Denoiser, weights_hash
-from .io import atomic_write_bytes
+from .denoiser import Denoiser
 from .diffusion import Sampler, image_noise, make_sampler, sampler_step
-from .layers import activation_interceptor, map_layer_weights, path_tuple
-from .ptq import CLIP_GRID, input_means, input_splits, static_act_ranges, weight_clip_ratios
-from .quant import ACT_DEFAULT, ACT_RANGE_MODES, WEIGHT_DEFAULT, QuantSpec, fake_quant, range_from
+from .layers import activation_interceptor, layer_params, map_layer_weights
+from .ptq import (ACT_CLIP_MODES, CLIP_GRID, act_base_range, act_clip_ratios, bias_correctable, cached_arrays,
+                  input_means, input_splits, quant_act, smooth_scales, static_act_ranges, weight_clip_ratios)
+from .quant import (ACT_DEFAULT, ACT_RANGE_MODES, WEIGHT_DEFAULT, QuantSpec, compute_scale, fake_quant, qrange,
+                    range_from)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,7 +57,23 @@ class QuantConfig:
         amplifies ~157x at t ≈ T (what broke patches32 at W8).
     weight_clipping: MSE clipping search per output channel and bit choice (:func:`qpolicy.ptq.weight_clip_ratios`:
         the clipping ratio of the absmax minimising the weight's quantization error, searched over 0.5..1).
-    calib_n: calibration images for static ranges and bias correction.
+    act_clip: activation clipping: "none" (min/max ranges), "percentile" (the (100 − p, p) percentiles of each
+        image's tensor (dynamic) or of the calibration activations per (layer, step bucket) (static), p =
+        act_percentile) or "mse" (the range times a ratio per (layer, step bucket, input part, bit choice) minimising
+        the activation's quantization MSE on FP calibration trajectories, :func:`qpolicy.ptq.act_clip_ratios`).
+    act_percentile: p of act_clip="percentile", in [50, 100].
+    smoothquant: SmoothQuant scale migration (Xiao et al. 2023) on every conv / dense layer: inputs divided and
+        weights multiplied per input channel by s = max|X|^α / max|W|^(1−α) (calibrated on the calib bank; the
+        weights are quantized as s·W per bit choice), α per layer (:func:`qpolicy.ptq.smooth_scales`). Needs
+        dynamic activation ranges.
+    smooth_alpha: fixed α for smoothquant; none = searched per layer over :data:`qpolicy.ptq.SMOOTH_ALPHAS`.
+    reconstruction: AdaRound learned rounding (output reconstruction per conv / dense layer on FP calibration inputs,
+        optax) at the weight bit choices ``recon_bits``, precomputed per choice (:mod:`qpolicy.reconstruct`).
+    recon_bits: weight bit choices that get learned rounding (each a bit choice <= 8).
+    recon_iters: Adam iterations per layer and bit choice.
+    attn_matmuls: precision of the activation-activation matmuls of attention (scores q·kᵀ, softmax, probs·v): only
+        "float" (they are not intercepted; recorded so a schedule says so).
+    calib_n: calibration images for static ranges, bias correction, activation clipping and SmoothQuant.
     preset: the name recorded for this combination (see :data:`QUANT_PRESETS`; "custom" when fields differ).
     """
 
@@ -71,17 +86,37 @@ class QuantConfig:
     split_concat: bool = True
     bias_correction: bool = True
     weight_clipping: bool = True
+    act_clip: str = "none"
+    act_percentile: float = 99.99
+    smoothquant: bool = False
+    smooth_alpha: float | None = None
+    reconstruction: bool = False
+    recon_bits: tuple[int, ...] = (4, 5, 6)
+    recon_iters: int = 300
+    attn_matmuls: str = "float"
     calib_n: int = 32
 
     def __post_init__(self) -> None:
-        if self.act_ranges not in ACT_RANGE_MODES:
-            raise ValueError(f"act_ranges must be one of {ACT_RANGE_MODES}, got {self.act_ranges!r}")
-        object.__setattr__(self, "calib_n", check("calib_n", self.calib_n, kind="int", lo=1))
-        for f in ("precompute_weights", *PTQ_FIELDS):
-            object.__setattr__(self, f, check(f, getattr(self, f), kind="bool"))
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass, normalised fields)
+        put("act_ranges", check("act_ranges", self.act_ranges, kind="choice", choices=ACT_RANGE_MODES))
+        put("calib_n", check("calib_n", self.calib_n, kind="int", lo=1))
+        for f in ("precompute_weights", "split_concat", "bias_correction", "weight_clipping", "smoothquant",
+                  "reconstruction"):
+            put(f, check(f, getattr(self, f), kind="bool"))
+        put("act_clip", check("act_clip", self.act_clip, kind="choice", choices=ACT_CLIP_MODES))
+        put("act_percentile", check("act_percentile", self.act_percentile, kind="real", lo=50, hi=100))
+        put("smooth_alpha", check("smooth_alpha", self.smooth_alpha, kind="real", lo=0, hi=1, optional=True))
+        put("recon_iters", check("recon_iters", self.recon_iters, kind="int", lo=1))
+        put("bit_choices", check_choices(self.bit_choices))
+        put("recon_bits", tuple(check("recon_bits", b, kind="choice", choices=tuple(c for c in self.bit_choices
+                                                                                    if c <= 8))
+                                for b in self.recon_bits))
+        put("attn_matmuls", check("attn_matmuls", self.attn_matmuls, kind="choice", choices=ATTN_MATMULS))
+        if self.smoothquant and self.act_ranges != "dynamic":
+            raise ValueError("smoothquant=True needs act_ranges='dynamic' (static ranges are calibrated on the "
+                             "unsmoothed inputs); set act_ranges='dynamic' or smoothquant=False")
         if self.range_buckets < 1:
             raise ValueError(f"range_buckets must be >= 1, got {self.range_buckets}")
-        object.__setattr__(self, "bit_choices", check_choices(self.bit_choices))
 
     @property
     def preset(self) -> str:
@@ -93,22 +128,27 @@ class QuantConfig:
         from .schedule import quantizer_dict
 
         return {**quantizer_dict(self.w_spec, self.a_spec, self.act_ranges), "preset": self.preset,
-                **{k: getattr(self, k) for k in PTQ_FIELDS}}
+                **{k: getattr(self, k) for k in (*PTQ_FIELDS, *PTQ_PARAMS)}}
 
     def to_dict(self) -> dict[str, Any]:
         return {"weights": dataclasses.asdict(self.w_spec), "activations": dataclasses.asdict(self.a_spec),
                 "act_ranges": self.act_ranges, "range_buckets": self.range_buckets,
                 "bit_choices": list(self.bit_choices), "preset": self.preset,
-                **{k: getattr(self, k) for k in PTQ_FIELDS}}
+                **{k: getattr(self, k) for k in (*PTQ_FIELDS, *PTQ_PARAMS)}}
 
 
-#: The PTQ technique switches of QuantConfig.
-PTQ_FIELDS = ("split_concat", "bias_correction", "weight_clipping")
-#: Named quantizer presets: "ptq" (the default: shortcut splitting, bias correction, weight clipping search) and
-#: "plain" (per-tensor
+#: The PTQ technique switches of QuantConfig (a preset fixes every one of them).
+PTQ_FIELDS = ("split_concat", "bias_correction", "weight_clipping", "act_clip", "smoothquant", "reconstruction")
+#: Their parameters, recorded in the quantizer block with them.
+PTQ_PARAMS = ("act_percentile", "smooth_alpha", "recon_bits", "recon_iters", "attn_matmuls")
+#: Precisions of attention's activation-activation matmuls (QuantConfig.attn_matmuls).
+ATTN_MATMULS = ("float",)
+_OFF = {"split_concat": False, "bias_correction": False, "weight_clipping": False, "act_clip": "none",
+        "smoothquant": False, "reconstruction": False}
+#: Named quantizer presets: "ptq" (shortcut splitting, bias correction, weight clipping search), "plain" (per-tensor
 #: dynamic activations, per-channel weights, nothing else: the engine before the PTQ toolbox).
-QUANT_PRESETS = {"ptq": {"split_concat": True, "bias_correction": True, "weight_clipping": True},
-                 "plain": {"split_concat": False, "bias_correction": False, "weight_clipping": False}}
+QUANT_PRESETS = {"ptq": {**_OFF, "split_concat": True, "bias_correction": True, "weight_clipping": True},
+                 "plain": _OFF}
 
 
 def quant_config(preset: str = "ptq", **fields: Any) -> QuantConfig:
@@ -138,7 +178,14 @@ class QuantEngine:
         put("input_splits", input_splits(self.den) if self.qcfg.split_concat else {})
         put("input_means", input_means(self.den, self.sampler, n=self.qcfg.calib_n) if self.qcfg.bias_correction
             else {})
+        put("smooth", self._calibrated("smooth", lambda: smooth_scales(self.den, self.sampler, self.qcfg,
+                                                                       n=self.qcfg.calib_n))
+            if self.qcfg.smoothquant else {})
+        put("act_ratios", self._calibrated("act_clip", lambda: act_clip_ratios(
+            self.den, self.sampler, self.qcfg, self.input_splits, self.smooth,
+            per_image=self.qcfg.act_ranges == "dynamic", n=self.qcfg.calib_n)) if self.qcfg.act_clip == "mse" else {})
         put("clip_ratios", self._clip_ratios() if self.qcfg.weight_clipping else {})
+        put("recon", self._calibrated("recon", self._reconstruct) if self.qcfg.reconstruction else {})
         put("bias_deltas", self._bias_deltas())
         put("weight_table", self._build_weight_table() if self.qcfg.precompute_weights else None)
         if self.qcfg.act_ranges == "static":
@@ -182,9 +229,7 @@ class QuantEngine:
         choices = jnp.asarray(self.qcfg.bit_choices, jnp.int32)
         out = {}
         for l, mean in self.input_means.items():
-            node = self.den.params
-            for k in path_tuple(self.den.layers[l].path):
-                node = node[k]
+            node = layer_params(self.den.params, self.den.layers[l])
             w = jnp.asarray(node["kernel"], jnp.float32)
             dw = jax.jit(jax.vmap(lambda b: (self.quantize_weight(l, w, b) - w).reshape(-1, w.shape[-2],
                                                                                         w.shape[-1]).sum(0)))(choices)
@@ -196,41 +241,96 @@ class QuantEngine:
         sizes = self.input_splits.get(l)
         return sizes if sizes and w.ndim >= 2 and w.shape[-2] == sum(sizes) else None
 
-    def _clip_ratios(self) -> dict[tuple[int, str, int], jax.Array]:
-        """{(layer, weight name, part): (C, *scale shape) MSE-optimal clipping ratios} (symmetric tensor/channel
-        weight specs; other specs are not clipped)."""
+    def _calibrated(self, kind: str, compute: Callable[[], dict[int, jax.Array]]) -> dict[int, jax.Array]:
+        """A per-layer calibration product {l: array}, cached on disk (key: the quantizer config, sampler, calibration
+        images, splits and smoothing scales in use)."""
+        key = (kind, self.qcfg.to_dict(), self.sampler.kind, self.num_steps, float(getattr(self.sampler, "eta", 0.0)),
+               sorted(self.input_splits.items()), self._smooth_tag(), self.den.layer_hash)
+        out = cached_arrays(kind, self.den, key, lambda: {(l,): v for l, v in compute().items()})
+        return {k[0]: v for k, v in out.items()}
+
+    def _reconstruct(self) -> dict[int, jax.Array]:
+        """AdaRound weights {l: (len(recon_bits), *kernel shape)} of every conv / dense layer with a 2-D or 4-D
+        kernel (symmetric tensor / channel weight specs)."""
+        from .reconstruct import reconstruct_weights
+
         spec = self.qcfg.w_spec
         if not spec.symmetric or spec.log2 or spec.granularity == "group":
             return {}
-        tag = hashlib.sha256(repr((spec, self.qcfg.bit_choices, CLIP_GRID, sorted(self.input_splits.items()),
-                                   self.den.layer_hash)).encode()).hexdigest()[:12]
-        path = cache_dir() / "clip" / f"{self.den.name}_{weights_hash(self.den)}_{tag}.npz"
-        if path.exists():
-            with np.load(path) as z:
-                return {tuple(json.loads(k)): jnp.asarray(z[k]) for k in z.files}
-        out = {}
-        for lay in self.den.layers:
-            node = self.den.params
-            for k in path_tuple(lay.path):
-                node = node[k]
-            for name in lay.weight_names:
-                w = jnp.asarray(node[name], jnp.float32)
-                sizes = self.weight_parts(lay.index, w)
-                parts = jnp.split(w, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [w]
-                for j, p in enumerate(parts):
-                    out[(lay.index, name, j)] = weight_clip_ratios(p, spec, self.qcfg.bit_choices)
-        buf = io.BytesIO()
-        np.savez(buf, **{json.dumps(list(k)): np.asarray(v) for k, v in out.items()})
-        atomic_write_bytes(path, buf.getvalue())
-        return out
+        layers = [l for l in bias_correctable(self.den, need_bias=False) if len(self.den.layers[l].weight_shape)
+                  in (2, 4)]
+        return reconstruct_weights(self.den, self.sampler, layers, self.weight_grid, self.qcfg.recon_bits,
+                                   n=self.qcfg.calib_n, iters=self.qcfg.recon_iters)
+
+    def weight_grid(self, l: int, bits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(step per kernel entry (kernel shape, in the kernel's basis), qmin, qmax) of layer l's kernel quantizer at
+        ``bits``: per slice and output channel, clipped range, SmoothQuant's step on s·W divided by s."""
+        w = jnp.asarray(layer_params(self.den.params, self.den.layers[l])["kernel"], jnp.float32)
+        ws = self.smoothed(l, w)
+        sizes = self.weight_parts(l, w)
+        parts = jnp.split(ws, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [ws]
+        scales = [jnp.broadcast_to(compute_scale(p, bits, self.qcfg.w_spec,
+                                                 absmax=self.weight_absmax(l, "kernel", j, p, bits))[0], p.shape)
+                  for j, p in enumerate(parts)]
+        scale = jnp.concatenate(scales, axis=-2)
+        if l in self.smooth:
+            scale = scale / self.smooth[l][:, None]
+        qmin, qmax = qrange(bits, True)
+        return scale, qmin.astype(jnp.float32), qmax.astype(jnp.float32)
+
+    def _smooth_tag(self) -> str:
+        smooth = getattr(self, "smooth", {})
+        return hashlib.sha256(b"".join(np.asarray(smooth[l]).tobytes() for l in sorted(smooth))).hexdigest()[:12]
+
+    def _clip_ratios(self) -> dict[tuple[int, str, int], jax.Array]:
+        """{(layer, weight name, part): (C, *scale shape) MSE-optimal clipping ratios} (symmetric tensor/channel
+        weight specs; other specs are not clipped), searched on the smoothed weights s·W with smoothquant."""
+        spec = self.qcfg.w_spec
+        if not spec.symmetric or spec.log2 or spec.granularity == "group":
+            return {}
+
+        def compute():
+            out = {}
+            for lay in self.den.layers:
+                node = layer_params(self.den.params, lay)
+                for name in lay.weight_names:
+                    w = self.smoothed(lay.index, jnp.asarray(node[name], jnp.float32), name)
+                    sizes = self.weight_parts(lay.index, w)
+                    parts = jnp.split(w, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [w]
+                    for j, p in enumerate(parts):
+                        out[(lay.index, name, j)] = weight_clip_ratios(p, spec, self.qcfg.bit_choices)
+            return out
+
+        return cached_arrays("clip", self.den, (spec, self.qcfg.bit_choices, CLIP_GRID,
+                                                sorted(self.input_splits.items()), self.den.layer_hash,
+                                                self._smooth_tag()), compute)
+
+    def smoothed(self, l: int, w: jax.Array, name: str = "kernel") -> jax.Array:
+        """s·W (SmoothQuant scales along the input-channel axis −2) for a smoothed layer's kernel, else W."""
+        s = self.smooth.get(l)
+        return w * s[:, None] if s is not None and name == "kernel" else w
 
     def quantize_weight(self, l: int, w: jax.Array, bits: jax.Array, name: str = "kernel") -> jax.Array:
         """Layer l's weight fake-quantized at ``bits``: per input-channel slice when its input is split, with the
-        MSE-searched clipping ratio of ``bits`` when weight_clipping is on."""
+        MSE-searched clipping ratio of ``bits`` when weight_clipping is on; with smoothquant, Q(s·W)/s (the layer then
+        sees Q(X/s)·s, so the product is Q(X/s)·Q(s·W)); exactly W at float passthrough."""
         counter = iter(range(1 << 30))
         q = lambda p: fake_quant(p, bits, self.qcfg.w_spec, absmax=self.weight_absmax(l, name, next(counter), p, bits))
         sizes = self.weight_parts(l, w)
-        return split_apply(w, sizes, q, axis=-2) if sizes else q(w)
+        ws = self.smoothed(l, w, name)
+        out = split_apply(ws, sizes, q, axis=-2) if sizes else q(ws)
+        if ws is not w:
+            out = jnp.where(bits >= 32, w, out / self.smooth[l][:, None].astype(out.dtype))  # back to X's basis
+        if l in self.recon and name == "kernel":  # learned rounding at its bit choices
+            r = jnp.asarray(self._recon_rows)[to_index(bits, self.qcfg.bit_choices)]
+            out = jnp.where(r >= 0, self.recon[l][jnp.maximum(r, 0)].astype(out.dtype), out)
+        return out
+
+    @functools.cached_property
+    def _recon_rows(self) -> np.ndarray:
+        """(C,) row of each bit choice in the reconstruction tables (−1: not reconstructed)."""
+        rb = list(self.qcfg.recon_bits)
+        return np.asarray([rb.index(c) if c in rb else -1 for c in self.qcfg.bit_choices], np.int32)
 
     def weight_absmax(self, l: int, name: str, part: int, w: jax.Array, bits: jax.Array) -> jax.Array | None:
         """The range of weight slice ``part`` of layer l at ``bits``: the MSE-searched fraction of its absmax
@@ -258,29 +358,44 @@ class QuantEngine:
             return params
         idx = to_index(bits_w, self.qcfg.bit_choices)
         for l, delta in self.bias_deltas.items():
-            node = params
-            for k in path_tuple(self.den.layers[l].path):
-                node = node[k]
+            node = layer_params(params, self.den.layers[l])
             node["bias"] = node["bias"] - delta[i, idx[l]].astype(node["bias"].dtype)
         return params
 
     def act_quant_fn(self, i: jax.Array, bits_a: jax.Array) -> Callable[[int, jax.Array], jax.Array]:
         """fn(l, a) -> layer l's input a fake-quantized with bits_a[l] at sampler step i: static ranges of step i's
         bucket, or dynamic ranges per image (one image's error never depends on its batch-mates), one quantizer
-        per concatenated part with split_concat."""
-        spec = self.qcfg.a_spec
+        per concatenated part with split_concat; ranges clipped by act_clip; with smoothquant a is divided by the
+        layer's scales s before quantization and multiplied back after (exactly a at float passthrough)."""
+        spec, k = self.qcfg.a_spec, self.bucket(i)
+        pct = self.qcfg.act_percentile if self.qcfg.act_clip == "percentile" else None
+        idx = to_index(bits_a, self.qcfg.bit_choices) if self.act_ratios else None
+
+        def ratio(l, part):
+            r = self.act_ratios.get(l)
+            return 1.0 if r is None else r[k, part, idx[l]]
+
         if self.qcfg.act_ranges == "static":
-            table = self.act_ranges_table[self.bucket(i)]
-            if spec.symmetric:
-                return lambda l, a: fake_quant(a, bits_a[l], spec, absmax=table[l, 1])
-            return lambda l, a: fake_quant(a, bits_a[l], spec, minmax=(table[l, 0], table[l, 1]))
+            table = self.act_ranges_table[k]
+            return lambda l, a: quant_act(a, bits_a[l], spec, table[l, 0], table[l, 1], ratio(l, 0))
 
         def fn(l, a):
+            s = self.smooth.get(l)
+            v = a / s if s is not None else a
             sizes = self.input_splits.get(l)
-            one = lambda v: fake_quant(v, bits_a[l], spec)
-            if sizes and a.shape[-1] == sum(sizes):
-                return jax.vmap(lambda v: split_apply(v, sizes, one, axis=-1))(a)
-            return jax.vmap(one)(a)
+            sizes = sizes if sizes and a.shape[-1] == sum(sizes) else (a.shape[-1],)
+
+            def part(p, j):  # plain min/max ranges: the spec's own dynamic quantizer (any granularity)
+                if pct is None and l not in self.act_ratios:
+                    return fake_quant(p, bits_a[l], spec)
+                return quant_act(p, bits_a[l], spec, *act_base_range(p, spec, pct), ratio(l, j))
+
+            def image(u):
+                parts = jnp.split(u, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+                return jnp.concatenate([part(p, j) for j, p in enumerate(parts)], axis=-1)
+
+            y = jax.vmap(image)(v)
+            return y if s is None else jnp.where(bits_a[l] >= 32, a, y * s)
         return fn
 
     def eps(self, x: jax.Array, i: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ from jax import lax
 
 from .banks import ReferenceBank
 from .engine import QuantEngine, relative_error
-from .layers import path_tuple
+from .layers import layer_params, path_tuple
 from .quant import quantize_int, range_from
 
 INT_KINDS = ("conv", "dense")
@@ -80,9 +80,7 @@ def integer_layer(engine: QuantEngine, l: int, module: nn.Module, x: jax.Array, 
 
 
 def engine_weight(engine: QuantEngine, l: int) -> Any:
-    node = engine.den.params
-    for k in path_tuple(engine.den.layers[l].path):
-        node = node[k]
+    node = layer_params(engine.den.params, engine.den.layers[l])
     return node["kernel"]
 
 
