@@ -330,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--act-ranges", default="dynamic", choices=("dynamic", "static"),
                        help="activation ranges (default: dynamic)")
         q.add_argument("--preset", default="ptq", choices=tuple(QUANT_PRESETS),
-                       help="quantizer: ptq (default: shortcut splitting, bias correction, weight clipping search) "
-                            "or plain (none of them)")
+                       help="quantizer preset (default: ptq = shortcut splitting, bias correction, weight clipping "
+                            "search; plain: none of them; ptq-act: + MSE activation clipping and SmoothQuant; "
+                            "ptq-recon: + AdaRound; full: all)")
         q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank (default: eval)")
         q.add_argument("--json", action="store_true", help="print JSON")
 

@@ -145,10 +145,14 @@ PTQ_PARAMS = ("act_percentile", "smooth_alpha", "recon_bits", "recon_iters", "at
 ATTN_MATMULS = ("float",)
 _OFF = {"split_concat": False, "bias_correction": False, "weight_clipping": False, "act_clip": "none",
         "smoothquant": False, "reconstruction": False}
+_PTQ = {**_OFF, "split_concat": True, "bias_correction": True, "weight_clipping": True}
 #: Named quantizer presets: "ptq" (shortcut splitting, bias correction, weight clipping search), "plain" (per-tensor
-#: dynamic activations, per-channel weights, nothing else: the engine before the PTQ toolbox).
-QUANT_PRESETS = {"ptq": {**_OFF, "split_concat": True, "bias_correction": True, "weight_clipping": True},
-                 "plain": _OFF}
+#: dynamic activations, per-channel weights, nothing else: the engine before the PTQ toolbox), "ptq-act" (ptq + MSE
+#: activation clipping + SmoothQuant), "ptq-recon" (ptq + AdaRound), "full" (all of them).
+QUANT_PRESETS = {"ptq": _PTQ, "plain": _OFF,
+                 "ptq-act": {**_PTQ, "act_clip": "mse", "smoothquant": True},
+                 "ptq-recon": {**_PTQ, "reconstruction": True},
+                 "full": {**_PTQ, "act_clip": "mse", "smoothquant": True, "reconstruction": True}}
 
 
 def quant_config(preset: str = "ptq", **fields: Any) -> QuantConfig:
@@ -362,22 +366,35 @@ class QuantEngine:
             node["bias"] = node["bias"] - delta[i, idx[l]].astype(node["bias"].dtype)
         return params
 
+    def act_range(self, l: int, part: int, i: jax.Array, bits: jax.Array, v: jax.Array
+                  ) -> tuple[jax.Array, jax.Array] | None:
+        """The dynamic per-tensor (lo, hi) range of input part ``part`` of layer l at sampler step i for one image's
+        (smoothed) tensor ``v`` at ``bits``: its min/max or percentiles (act_clip), times the MSE clipping ratio of
+        (l, step bucket, part, bits); None for plain min/max ranges (the spec's own dynamic quantizer, any
+        granularity)."""
+        pct = self.qcfg.act_percentile if self.qcfg.act_clip == "percentile" else None
+        r = self.act_ratios.get(l)
+        if pct is None and r is None:
+            return None
+        lo, hi = act_base_range(v, self.qcfg.a_spec, pct)
+        ratio = 1.0 if r is None else r[self.bucket(i), part, to_index(bits, self.qcfg.bit_choices)]
+        return ratio * lo, ratio * hi
+
     def act_quant_fn(self, i: jax.Array, bits_a: jax.Array) -> Callable[[int, jax.Array], jax.Array]:
         """fn(l, a) -> layer l's input a fake-quantized with bits_a[l] at sampler step i: static ranges of step i's
         bucket, or dynamic ranges per image (one image's error never depends on its batch-mates), one quantizer
-        per concatenated part with split_concat; ranges clipped by act_clip; with smoothquant a is divided by the
-        layer's scales s before quantization and multiplied back after (exactly a at float passthrough)."""
+        per concatenated part with split_concat; ranges clipped by act_clip (:meth:`act_range`); with smoothquant a
+        is divided by the layer's scales s before quantization and multiplied back after (exactly a at float
+        passthrough)."""
         spec, k = self.qcfg.a_spec, self.bucket(i)
-        pct = self.qcfg.act_percentile if self.qcfg.act_clip == "percentile" else None
-        idx = to_index(bits_a, self.qcfg.bit_choices) if self.act_ratios else None
-
-        def ratio(l, part):
-            r = self.act_ratios.get(l)
-            return 1.0 if r is None else r[k, part, idx[l]]
-
         if self.qcfg.act_ranges == "static":
             table = self.act_ranges_table[k]
-            return lambda l, a: quant_act(a, bits_a[l], spec, table[l, 0], table[l, 1], ratio(l, 0))
+
+            def static(l, a):
+                r = self.act_ratios.get(l)
+                ratio = 1.0 if r is None else r[k, 0, to_index(bits_a[l], self.qcfg.bit_choices)]
+                return quant_act(a, bits_a[l], spec, table[l, 0], table[l, 1], ratio)
+            return static
 
         def fn(l, a):
             s = self.smooth.get(l)
@@ -385,10 +402,9 @@ class QuantEngine:
             sizes = self.input_splits.get(l)
             sizes = sizes if sizes and a.shape[-1] == sum(sizes) else (a.shape[-1],)
 
-            def part(p, j):  # plain min/max ranges: the spec's own dynamic quantizer (any granularity)
-                if pct is None and l not in self.act_ratios:
-                    return fake_quant(p, bits_a[l], spec)
-                return quant_act(p, bits_a[l], spec, *act_base_range(p, spec, pct), ratio(l, j))
+            def part(p, j):
+                rng = self.act_range(l, j, i, bits_a[l], p)
+                return fake_quant(p, bits_a[l], spec) if rng is None else quant_act(p, bits_a[l], spec, *rng)
 
             def image(u):
                 parts = jnp.split(u, np.cumsum(sizes)[:-1].tolist(), axis=-1)

@@ -110,8 +110,11 @@ def test_int8_accumulation_equals_float64_reference():
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(ref).astype(np.int64))
 
 
-def test_integer_execution_within_one_lsb(tiny_denoiser):
-    eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config("ptq"))
+@pytest.mark.parametrize("extra", [pytest.param({}, id="ptq"), pytest.param(
+    {"act_clip": "mse", "smoothquant": True, "reconstruction": True, "recon_bits": (8,), "recon_iters": 10,
+     "calib_n": 4}, id="all", marks=pytest.mark.slow)])  # all: ~3 CPU-minutes (calibrations + two compiles)
+def test_integer_execution_within_one_lsb(tiny_denoiser, extra):
+    eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config("ptq", **extra))
     bank = reference_bank(eng, "eval", 2)
     bw, ba = uniform_bits(eng, 8, 8)
     bw[1, :3] = 16  # a layer above 8 bits stays on the float simulation at that step
