@@ -70,4 +70,6 @@ print(f"FP fd: {fd_fp:.4g}")
 out = a.out or f"experiments/results/ptq_ablation_{a.model}.json"
 atomic_write_json(out, {"model": a.model, "n": a.n, "steps": a.steps, "sampler": "ddim", "fd_fp": fd_fp,
                         "machine": f"{platform.node()} {platform.machine()} {jax.devices()[0].device_kind}",
-                        "command": f"python experiments/ptq_ablation.py --model {a.model} --n {a.n}", "rows": rows})
+                        "command": f"python experiments/ptq_ablation.py --model {a.model} --n {a.n}"
+                                   + (f" --bits {a.bits}" if a.bits != p.get_default("bits") else "")
+                                   + (f" --configs {a.configs}" if a.configs else ""), "rows": rows})
