@@ -37,7 +37,7 @@ class EnvConfig:
     bank_size: images in the FP reference bank.
     act_ranges: "dynamic" | "static" activation ranges.
     quant_preset: quantizer preset of the engine (qpolicy.engine.QUANT_PRESETS): "ptq" (splitting, bias correction,
-        clipping) | "plain" | "ptq-act" | "ptq-recon" | "full".
+        clipping) | "plain" | "ptq-smooth" | "ptq-recon" | "full".
     thumb_size: side of the x_t thumbnail in the observation.
     """
 

@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="activation ranges (default: dynamic)")
         q.add_argument("--preset", default="ptq", choices=tuple(QUANT_PRESETS),
                        help="quantizer preset (default: ptq = shortcut splitting, bias correction, weight clipping "
-                            "search; plain: none of them; ptq-act: + MSE activation clipping and SmoothQuant; "
-                            "ptq-recon: + AdaRound; full: all)")
+                            "search; plain: none of them; ptq-smooth: + SmoothQuant; ptq-recon: + AdaRound; "
+                            "full: + both)")
         q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank (default: eval)")
         q.add_argument("--json", action="store_true", help="print JSON")
 

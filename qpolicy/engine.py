@@ -147,12 +147,13 @@ _OFF = {"split_concat": False, "bias_correction": False, "weight_clipping": Fals
         "smoothquant": False, "reconstruction": False}
 _PTQ = {**_OFF, "split_concat": True, "bias_correction": True, "weight_clipping": True}
 #: Named quantizer presets: "ptq" (shortcut splitting, bias correction, weight clipping search), "plain" (per-tensor
-#: dynamic activations, per-channel weights, nothing else: the engine before the PTQ toolbox), "ptq-act" (ptq + MSE
-#: activation clipping + SmoothQuant), "ptq-recon" (ptq + AdaRound), "full" (all of them).
+#: dynamic activations, per-channel weights, nothing else: the engine before the PTQ toolbox), "ptq-smooth" (ptq +
+#: SmoothQuant), "ptq-recon" (ptq + AdaRound at 4-6 weight bits), "full" (ptq + SmoothQuant + AdaRound).
+#: MSE / percentile activation clipping are switches in no preset (no gain measured; see the README).
 QUANT_PRESETS = {"ptq": _PTQ, "plain": _OFF,
-                 "ptq-act": {**_PTQ, "act_clip": "mse", "smoothquant": True},
+                 "ptq-smooth": {**_PTQ, "smoothquant": True},
                  "ptq-recon": {**_PTQ, "reconstruction": True},
-                 "full": {**_PTQ, "act_clip": "mse", "smoothquant": True, "reconstruction": True}}
+                 "full": {**_PTQ, "smoothquant": True, "reconstruction": True}}
 
 
 def quant_config(preset: str = "ptq", **fields: Any) -> QuantConfig:
