@@ -67,6 +67,9 @@ class QuantConfig:
         weights are quantized as s·W per bit choice), α per layer (:func:`qpolicy.ptq.smooth_scales`). Needs
         dynamic activation ranges.
     smooth_alpha: fixed α for smoothquant; none = searched per layer over :data:`qpolicy.ptq.SMOOTH_ALPHAS`.
+    smooth_min_bits: smoothquant applies where the layer's weight bits are >= this (below, the migration makes the
+        weights harder to quantize than it makes the activations easier: measured at W4A8 on digits16); the input
+        and the weight of a layer always see the same s, chosen by the traced weight bits.
     reconstruction: AdaRound learned rounding (output reconstruction per conv / dense layer on FP calibration inputs,
         optax) at the weight bit choices ``recon_bits``, precomputed per choice (:mod:`qpolicy.reconstruct`).
     recon_bits: weight bit choices that get learned rounding (each a bit choice <= 8).
@@ -90,6 +93,7 @@ class QuantConfig:
     act_percentile: float = 99.99
     smoothquant: bool = False
     smooth_alpha: float | None = None
+    smooth_min_bits: int = 8
     reconstruction: bool = False
     recon_bits: tuple[int, ...] = (4, 5, 6)
     recon_iters: int = 300
@@ -106,6 +110,7 @@ class QuantConfig:
         put("act_clip", check("act_clip", self.act_clip, kind="choice", choices=ACT_CLIP_MODES))
         put("act_percentile", check("act_percentile", self.act_percentile, kind="real", lo=50, hi=100))
         put("smooth_alpha", check("smooth_alpha", self.smooth_alpha, kind="real", lo=0, hi=1, optional=True))
+        put("smooth_min_bits", check("smooth_min_bits", self.smooth_min_bits, kind="int", lo=2, hi=32))
         put("recon_iters", check("recon_iters", self.recon_iters, kind="int", lo=1))
         put("bit_choices", check_choices(self.bit_choices))
         put("recon_bits", tuple(check("recon_bits", b, kind="choice", choices=tuple(c for c in self.bit_choices
@@ -140,7 +145,7 @@ class QuantConfig:
 #: The PTQ technique switches of QuantConfig (a preset fixes every one of them).
 PTQ_FIELDS = ("split_concat", "bias_correction", "weight_clipping", "act_clip", "smoothquant", "reconstruction")
 #: Their parameters, recorded in the quantizer block with them.
-PTQ_PARAMS = ("act_percentile", "smooth_alpha", "recon_bits", "recon_iters", "attn_matmuls")
+PTQ_PARAMS = ("act_percentile", "smooth_alpha", "smooth_min_bits", "recon_bits", "recon_iters", "attn_matmuls")
 #: Precisions of attention's activation-activation matmuls (QuantConfig.attn_matmuls).
 ATTN_MATMULS = ("float",)
 _OFF = {"split_concat": False, "bias_correction": False, "weight_clipping": False, "act_clip": "none",
@@ -271,7 +276,7 @@ class QuantEngine:
         """(step per kernel entry (kernel shape, in the kernel's basis), qmin, qmax) of layer l's kernel quantizer at
         ``bits``: per slice and output channel, clipped range, SmoothQuant's step on s·W divided by s."""
         w = jnp.asarray(layer_params(self.den.params, self.den.layers[l])["kernel"], jnp.float32)
-        ws = self.smoothed(l, w)
+        ws = self.smoothed(l, w, bits)
         sizes = self.weight_parts(l, w)
         parts = jnp.split(ws, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [ws]
         scales = [jnp.broadcast_to(compute_scale(p, bits, self.qcfg.w_spec,
@@ -279,7 +284,7 @@ class QuantEngine:
                   for j, p in enumerate(parts)]
         scale = jnp.concatenate(scales, axis=-2)
         if l in self.smooth:
-            scale = scale / self.smooth[l][:, None]
+            scale = scale / self.smooth_scale(l, bits)[:, None]
         qmin, qmax = qrange(bits, True)
         return scale, qmin.astype(jnp.float32), qmax.astype(jnp.float32)
 
@@ -299,21 +304,34 @@ class QuantEngine:
             for lay in self.den.layers:
                 node = layer_params(self.den.params, lay)
                 for name in lay.weight_names:
-                    w = self.smoothed(lay.index, jnp.asarray(node[name], jnp.float32), name)
+                    w = jnp.asarray(node[name], jnp.float32)
                     sizes = self.weight_parts(lay.index, w)
-                    parts = jnp.split(w, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [w]
-                    for j, p in enumerate(parts):
-                        out[(lay.index, name, j)] = weight_clip_ratios(p, spec, self.qcfg.bit_choices)
+                    split = lambda v: jnp.split(v, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [v]  # noqa
+                    full = self.smoothed(lay.index, w, jnp.int32(32), name)  # s·W (smoothed layers)
+                    for j, (p, ps) in enumerate(zip(split(w), split(full))):
+                        r = weight_clip_ratios(p, spec, self.qcfg.bit_choices)
+                        if ps is not p:  # the choices at which the layer is smoothed are searched on s·W
+                            on = jnp.asarray([c >= self.qcfg.smooth_min_bits for c in self.qcfg.bit_choices])
+                            r = jnp.where(on.reshape((-1,) + (1,) * (r.ndim - 1)),
+                                          weight_clip_ratios(ps, spec, self.qcfg.bit_choices), r)
+                        out[(lay.index, name, j)] = r
             return out
 
         return cached_arrays("clip", self.den, (spec, self.qcfg.bit_choices, CLIP_GRID,
                                                 sorted(self.input_splits.items()), self.den.layer_hash,
-                                                self._smooth_tag()), compute)
+                                                self._smooth_tag(), self.qcfg.smooth_min_bits), compute)
 
-    def smoothed(self, l: int, w: jax.Array, name: str = "kernel") -> jax.Array:
-        """s·W (SmoothQuant scales along the input-channel axis −2) for a smoothed layer's kernel, else W."""
+    def smooth_scale(self, l: int, bits_w: jax.Array) -> jax.Array | None:
+        """Layer l's SmoothQuant scales (Cin,) at weight bits ``bits_w`` (1 below smooth_min_bits); None when the
+        layer is not smoothed."""
         s = self.smooth.get(l)
-        return w * s[:, None] if s is not None and name == "kernel" else w
+        return None if s is None else jnp.where(jnp.asarray(bits_w) >= self.qcfg.smooth_min_bits, s, 1.0)
+
+    def smoothed(self, l: int, w: jax.Array, bits_w: jax.Array, name: str = "kernel") -> jax.Array:
+        """s·W (SmoothQuant scales at ``bits_w`` along the input-channel axis −2) for a smoothed layer's kernel,
+        else W itself."""
+        s = self.smooth_scale(l, bits_w) if name == "kernel" else None
+        return w if s is None else w * s[:, None]
 
     def quantize_weight(self, l: int, w: jax.Array, bits: jax.Array, name: str = "kernel") -> jax.Array:
         """Layer l's weight fake-quantized at ``bits``: per input-channel slice when its input is split, with the
@@ -322,10 +340,10 @@ class QuantEngine:
         counter = iter(range(1 << 30))
         q = lambda p: fake_quant(p, bits, self.qcfg.w_spec, absmax=self.weight_absmax(l, name, next(counter), p, bits))
         sizes = self.weight_parts(l, w)
-        ws = self.smoothed(l, w, name)
+        ws = self.smoothed(l, w, bits, name)
         out = split_apply(ws, sizes, q, axis=-2) if sizes else q(ws)
-        if ws is not w:
-            out = jnp.where(bits >= 32, w, out / self.smooth[l][:, None].astype(out.dtype))  # back to X's basis
+        if ws is not w:  # back to X's basis
+            out = jnp.where(bits >= 32, w, out / self.smooth_scale(l, bits)[:, None].astype(out.dtype))
         if l in self.recon and name == "kernel":  # learned rounding at its bit choices
             r = jnp.asarray(self._recon_rows)[to_index(bits, self.qcfg.bit_choices)]
             out = jnp.where(r >= 0, self.recon[l][jnp.maximum(r, 0)].astype(out.dtype), out)
@@ -381,12 +399,13 @@ class QuantEngine:
         ratio = 1.0 if r is None else r[self.bucket(i), part, to_index(bits, self.qcfg.bit_choices)]
         return ratio * lo, ratio * hi
 
-    def act_quant_fn(self, i: jax.Array, bits_a: jax.Array) -> Callable[[int, jax.Array], jax.Array]:
+    def act_quant_fn(self, i: jax.Array, bits_a: jax.Array, bits_w: jax.Array | None = None
+                     ) -> Callable[[int, jax.Array], jax.Array]:
         """fn(l, a) -> layer l's input a fake-quantized with bits_a[l] at sampler step i: static ranges of step i's
         bucket, or dynamic ranges per image (one image's error never depends on its batch-mates), one quantizer
         per concatenated part with split_concat; ranges clipped by act_clip (:meth:`act_range`); with smoothquant a
-        is divided by the layer's scales s before quantization and multiplied back after (exactly a at float
-        passthrough)."""
+        is divided by the layer's scales s at its weight bits ``bits_w`` (None: float weights) before quantization and
+        multiplied back after (exactly a at float passthrough)."""
         spec, k = self.qcfg.a_spec, self.bucket(i)
         if self.qcfg.act_ranges == "static":
             table = self.act_ranges_table[k]
@@ -398,7 +417,7 @@ class QuantEngine:
             return static
 
         def fn(l, a):
-            s = self.smooth.get(l)
+            s = self.smooth_scale(l, 32 if bits_w is None else bits_w[l])
             v = a / s if s is not None else a
             sizes = self.input_splits.get(l)
             sizes = sizes if sizes and a.shape[-1] == sum(sizes) else (a.shape[-1],)
@@ -418,7 +437,7 @@ class QuantEngine:
     def eps(self, x: jax.Array, i: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
         """Quantized eps at sampler step i for x (B, H, W, C), with (L,) bits."""
         t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
-        with nn.intercept_methods(activation_interceptor(self.den.layers, self.act_quant_fn(i, bits_a))):
+        with nn.intercept_methods(activation_interceptor(self.den.layers, self.act_quant_fn(i, bits_a, bits_w))):
             return self.den.apply(self.quantize_params(bits_w, i), x, t)
 
     def step(self, x: jax.Array, i: jax.Array, keys: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:

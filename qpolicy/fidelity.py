@@ -69,10 +69,11 @@ def integer_layer(engine: QuantEngine, l: int, module: nn.Module, x: jax.Array, 
     sizes = engine.weight_parts(l, w) or (w.shape[-2],)
     splits = np.cumsum(sizes)[:-1].tolist()
     if l in engine.smooth:
-        x = x / engine.smooth[l]
-    w_codes = engine.smoothed(l, engine.quantize_weight(l, w, bits_w))  # on the grid: exact codes after rounding
+        x = x / engine.smooth_scale(l, bits_w)
+    w_codes = engine.smoothed(l, engine.quantize_weight(l, w, bits_w), bits_w)  # on the grid: exact codes, rounded
     xs = jnp.split(x, splits, axis=-1) if len(sizes) > 1 and x.shape[-1] == sum(sizes) else [x]
-    ws = jnp.split(engine.smoothed(l, w), splits, axis=-2) if len(xs) > 1 else [engine.smoothed(l, w)]
+    w_s = engine.smoothed(l, w, bits_w)
+    ws = jnp.split(w_s, splits, axis=-2) if len(xs) > 1 else [w_s]
     wq = jnp.split(w_codes, splits, axis=-2) if len(xs) > 1 else [w_codes]
     y = 0.0
     for j, (xp, wp, wqp) in enumerate(zip(xs, ws, wq)):
@@ -103,7 +104,7 @@ def _interceptor(engine: QuantEngine, i: jax.Array, bw: jax.Array, ba: jax.Array
     max |y_int − y_sim|) where both bits are <= 8 (0 elsewhere), and returns y_int there (use_int) or y_sim."""
     index = {path_tuple(l.path): l.index for l in engine.den.layers}
     ok = set(eligible(engine))
-    act = engine.act_quant_fn(i, ba)
+    act = engine.act_quant_fn(i, ba, bw)
 
     def interceptor(next_fun, args, kwargs, context):
         l = index.get(tuple(context.module.scope.path)) if context.method_name == "__call__" else None

@@ -213,7 +213,8 @@ def _best_ratios(w, base, bits, ratios, spec, red):
 
 
 # ----------------------------------------------------------------------------------------------- on-disk cache
-def cached_arrays(kind: str, den: Denoiser, key: Any, compute: Callable[[], dict[tuple, Any]]) -> dict[tuple, jax.Array]:
+def cached_arrays(kind: str, den: Denoiser, key: Any, compute: Callable[[], dict[tuple, Any]]
+                  ) -> dict[tuple, jax.Array]:
     """``compute()`` (a dict of arrays keyed by tuples of ints/strings), cached on disk under
     <cache>/<kind>/<model>_<weights hash>_<hash of key>.npz (written atomically) and read back on the next call."""
     tag = hashlib.sha256(repr(key).encode()).hexdigest()[:12]

@@ -186,6 +186,12 @@ def test_smoothquant_keeps_fp_output_and_flattens_channel_ranges(mlp):
     xi = image_noise(image_keys(BANK_SEEDS["calib"], 4), 0, mlp.image_shape)
     fp = jnp.full((plain.num_layers,), 32, jnp.int32)
     np.testing.assert_array_equal(np.asarray(smooth.eps(xi, 0, fp, fp)), np.asarray(plain.eps(xi, 0, fp, fp)))
+    l = next(iter(smooth.smooth))  # below smooth_min_bits (8) the layer is not smoothed: plain weights exactly
+    w = jnp.asarray(mlp.params[mlp.layers[l].path]["kernel"])
+    np.testing.assert_array_equal(np.asarray(smooth.quantize_weight(l, w, jnp.int32(4))),
+                                  np.asarray(plain.quantize_weight(l, w, jnp.int32(4))))
+    assert not np.array_equal(np.asarray(smooth.quantize_weight(l, w, jnp.int32(8))),
+                              np.asarray(plain.quantize_weight(l, w, jnp.int32(8))))
     e8, ref = jnp.full((plain.num_layers,), 8, jnp.int32), np.asarray(plain.eps(xi, 0, fp, fp))
     assert np.linalg.norm(np.asarray(smooth.eps(xi, 0, e8, e8)) - ref) < 0.03 * np.linalg.norm(ref)  # W8A8 near FP
 
