@@ -36,8 +36,8 @@ class EnvConfig:
     bank: "train" | "eval" (disjoint noise streams).
     bank_size: images in the FP reference bank.
     act_ranges: "dynamic" | "static" activation ranges.
-    quant_preset: quantizer preset of the engine (qpolicy.engine.QUANT_PRESETS): "ptq" (splitting, bias correction,
-        clipping) | "plain" | "ptq-smooth" | "ptq-recon" | "full".
+    quant_preset: quantizer preset of the engine (qpolicy.engine.QUANT_PRESETS): "ptq-smooth" (the default: ptq +
+        SmoothQuant) | "ptq" (splitting, bias correction, clipping) | "plain" | "ptq-recon" | "full".
     thumb_size: side of the x_t thumbnail in the observation.
     """
 
@@ -57,7 +57,7 @@ class EnvConfig:
     bank: str = "train"
     bank_size: int = 64
     act_ranges: str = "dynamic"
-    quant_preset: str = "ptq"
+    quant_preset: str = "ptq-smooth"
     thumb_size: int = 4
 
     def __post_init__(self) -> None:

@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--json", action="store_true")
     l.set_defaults(fn=cmd_layers)
 
-    from .engine import QUANT_PRESETS
+    from .engine import DEFAULT_PRESET, QUANT_PRESETS
 
     def engine_args(q, n_default):
         q.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder (default: "
@@ -329,10 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="sampler (default: ddim)")
         q.add_argument("--act-ranges", default="dynamic", choices=("dynamic", "static"),
                        help="activation ranges (default: dynamic)")
-        q.add_argument("--preset", default="ptq", choices=tuple(QUANT_PRESETS),
-                       help="quantizer preset (default: ptq = shortcut splitting, bias correction, weight clipping "
-                            "search; plain: none of them; ptq-smooth: + SmoothQuant; ptq-recon: + AdaRound; "
-                            "full: + both)")
+        q.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(QUANT_PRESETS),
+                       help="quantizer preset (default: ptq-smooth = ptq + SmoothQuant at weight bits >= 8; ptq: "
+                            "shortcut splitting, bias correction, weight clipping search; plain: none of them; "
+                            "ptq-recon: ptq + AdaRound; full: ptq + both)")
         q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank (default: eval)")
         q.add_argument("--json", action="store_true", help="print JSON")
 

@@ -91,7 +91,7 @@ class QuantConfig:
     weight_clipping: bool = True
     act_clip: str = "none"
     act_percentile: float = 99.99
-    smoothquant: bool = False
+    smoothquant: bool = True
     smooth_alpha: float | None = None
     smooth_min_bits: int = 8
     reconstruction: bool = False
@@ -151,9 +151,10 @@ ATTN_MATMULS = ("float",)
 _OFF = {"split_concat": False, "bias_correction": False, "weight_clipping": False, "act_clip": "none",
         "smoothquant": False, "reconstruction": False}
 _PTQ = {**_OFF, "split_concat": True, "bias_correction": True, "weight_clipping": True}
-#: Named quantizer presets: "ptq" (shortcut splitting, bias correction, weight clipping search), "plain" (per-tensor
-#: dynamic activations, per-channel weights, nothing else: the engine before the PTQ toolbox), "ptq-smooth" (ptq +
-#: SmoothQuant), "ptq-recon" (ptq + AdaRound at 4-6 weight bits), "full" (ptq + SmoothQuant + AdaRound).
+#: Named quantizer presets: "ptq-smooth" (the default: ptq + SmoothQuant at weight bits >= 8), "ptq" (shortcut
+#: splitting, bias correction, weight clipping search), "plain" (per-tensor dynamic activations, per-channel weights,
+#: nothing else: the engine before the PTQ toolbox), "ptq-recon" (ptq + AdaRound at 4-6 weight bits), "full" (ptq +
+#: SmoothQuant + AdaRound).
 #: MSE / percentile activation clipping are switches in no preset (no gain measured; see the README).
 QUANT_PRESETS = {"ptq": _PTQ, "plain": _OFF,
                  "ptq-smooth": {**_PTQ, "smoothquant": True},
@@ -161,11 +162,19 @@ QUANT_PRESETS = {"ptq": _PTQ, "plain": _OFF,
                  "full": {**_PTQ, "smoothquant": True, "reconstruction": True}}
 
 
-def quant_config(preset: str = "ptq", **fields: Any) -> QuantConfig:
-    """QuantConfig of a named preset (:data:`QUANT_PRESETS`), with further fields overridden."""
+#: The default preset (QuantConfig()'s fields), chosen on the CPU measurements in the README.
+DEFAULT_PRESET = "ptq-smooth"
+
+
+def quant_config(preset: str = DEFAULT_PRESET, **fields: Any) -> QuantConfig:
+    """QuantConfig of a named preset (:data:`QUANT_PRESETS`), with further fields overridden. With static activation
+    ranges a preset's SmoothQuant is left out unless asked for (static ranges are calibrated on unsmoothed inputs)."""
     if preset not in QUANT_PRESETS:
         raise ValueError(f"quantizer preset must be one of {tuple(QUANT_PRESETS)}, got {preset!r}")
-    return QuantConfig(**{**QUANT_PRESETS[preset], **fields})
+    base = dict(QUANT_PRESETS[preset])
+    if fields.get("act_ranges") == "static":
+        base["smoothquant"] = False
+    return QuantConfig(**{**base, **fields})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

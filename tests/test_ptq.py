@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from qpolicy import fidelity, make_engine, reference_bank, uniform_bits, wrap_denoiser
+from qpolicy import QuantConfig, fidelity, make_engine, reference_bank, uniform_bits, wrap_denoiser
 from qpolicy.banks import BANK_SEEDS
 from qpolicy.diffusion import image_keys, image_noise, make_schedule
 from qpolicy.engine import quant_config
@@ -87,10 +87,12 @@ def test_weight_clipping_never_worse_and_clips_outliers():
 def test_presets_and_quantizer_block(mlp):
     plain = make_engine(mlp, steps=2, qcfg=quant_config("plain"))
     assert not plain.input_splits and not plain.input_means and not plain.clip_ratios
-    assert plain.qcfg.preset == "plain" and quant_config().preset == "ptq"
+    assert plain.qcfg.preset == "plain" and quant_config().preset == "ptq-smooth" == QuantConfig().preset
     block = quant_config().quantizer_block()
-    assert block["preset"] == "ptq" and block["split_concat"] and block["bias_correction"] and block["weight_clipping"]
+    assert block["preset"] == "ptq-smooth" and block["split_concat"] and block["bias_correction"]
+    assert block["weight_clipping"] and block["smoothquant"] and block["smooth_min_bits"] == 8
     assert quant_config("ptq", act_ranges="static").preset == "ptq"  # static ranges: weights split, activations not
+    assert quant_config(act_ranges="static").preset == "ptq"  # static ranges leave the default's SmoothQuant out
     with pytest.raises(ValueError, match="preset must be one of"):
         quant_config("best")
 
