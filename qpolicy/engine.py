@@ -262,9 +262,11 @@ class QuantEngine:
 
     def _calibrated(self, kind: str, compute: Callable[[], dict[int, jax.Array]]) -> dict[int, jax.Array]:
         """A per-layer calibration product {l: array}, cached on disk (key: the quantizer config, sampler, calibration
-        images, splits and smoothing scales in use)."""
+        images, and the splits, smoothing scales and clipping ratios in use)."""
+        clip = getattr(self, "clip_ratios", {})  # what reconstruction rounds on
+        clip_tag = hashlib.sha256(b"".join(np.asarray(clip[k]).tobytes() for k in sorted(clip))).hexdigest()[:12]
         key = (kind, self.qcfg.to_dict(), self.sampler.kind, self.num_steps, float(getattr(self.sampler, "eta", 0.0)),
-               sorted(self.input_splits.items()), self._smooth_tag(), self.den.layer_hash)
+               sorted(self.input_splits.items()), self._smooth_tag(), clip_tag, self.den.layer_hash)
         out = cached_arrays(kind, self.den, key, lambda: {(l,): v for l, v in compute().items()})
         return {k[0]: v for k, v in out.items()}
 
