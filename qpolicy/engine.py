@@ -64,8 +64,8 @@ class QuantConfig:
     act_percentile: p of act_clip="percentile", in [50, 100].
     smoothquant: SmoothQuant scale migration (Xiao et al. 2023) on every conv / dense layer: inputs divided and
         weights multiplied per input channel by s = max|X|^α / max|W|^(1−α) (calibrated on the calib bank; the
-        weights are quantized as s·W per bit choice), α per layer (:func:`qpolicy.ptq.smooth_scales`). Needs
-        dynamic activation ranges.
+        weights are quantized as s·W per bit choice), α per layer (:func:`qpolicy.ptq.smooth_scales`). Dynamic
+        activation ranges only: with act_ranges="static" it is set to False (the quantizer block records that).
     smooth_alpha: fixed α for smoothquant; none = searched per layer over :data:`qpolicy.ptq.SMOOTH_ALPHAS`.
     smooth_min_bits: smoothquant applies where the layer's weight bits are >= this (below, the migration makes the
         weights harder to quantize than it makes the activations easier: measured at W4A8 on digits16); the input
@@ -117,9 +117,8 @@ class QuantConfig:
                                                                                     if c <= 8))
                                 for b in self.recon_bits))
         put("attn_matmuls", check("attn_matmuls", self.attn_matmuls, kind="choice", choices=ATTN_MATMULS))
-        if self.smoothquant and self.act_ranges != "dynamic":
-            raise ValueError("smoothquant=True needs act_ranges='dynamic' (static ranges are calibrated on the "
-                             "unsmoothed inputs); set act_ranges='dynamic' or smoothquant=False")
+        if self.act_ranges == "static":  # static ranges are calibrated on the unsmoothed inputs
+            put("smoothquant", False)
         if self.range_buckets < 1:
             raise ValueError(f"range_buckets must be >= 1, got {self.range_buckets}")
 
@@ -168,13 +167,10 @@ DEFAULT_PRESET = "ptq-smooth"
 
 def quant_config(preset: str = DEFAULT_PRESET, **fields: Any) -> QuantConfig:
     """QuantConfig of a named preset (:data:`QUANT_PRESETS`), with further fields overridden. With static activation
-    ranges a preset's SmoothQuant is left out unless asked for (static ranges are calibrated on unsmoothed inputs)."""
+    ranges a preset's SmoothQuant is left out (static ranges are calibrated on unsmoothed inputs)."""
     if preset not in QUANT_PRESETS:
         raise ValueError(f"quantizer preset must be one of {tuple(QUANT_PRESETS)}, got {preset!r}")
-    base = dict(QUANT_PRESETS[preset])
-    if fields.get("act_ranges") == "static":
-        base["smoothquant"] = False
-    return QuantConfig(**{**base, **fields})
+    return QuantConfig(**{**QUANT_PRESETS[preset], **fields})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
