@@ -36,7 +36,8 @@ class EnvConfig:
     bank: "train" | "eval" (disjoint noise streams).
     bank_size: images in the FP reference bank.
     act_ranges: "dynamic" | "static" activation ranges.
-    quant_preset: quantizer preset of the engine: "ptq" (splitting, bias correction, clipping) | "plain".
+    quant_preset: quantizer preset of the engine (qpolicy.engine.QUANT_PRESETS): "ptq" (the default: splitting,
+        bias correction, clipping) | "ptq-smooth" (ptq + SmoothQuant) | "plain" | "ptq-recon" | "full".
     thumb_size: side of the x_t thumbnail in the observation.
     """
 

@@ -4,7 +4,10 @@ configuration, for the README. Thin entry point over qpolicy.engine.
     python experiments/ptq_ablation.py --model digits16 --n 1000 [--out experiments/results/ptq_ablation_digits16.json]
 
 Configurations: plain (the engine before the PTQ toolbox), +split (shortcut splitting), +bias (bias correction),
-+clip (weight MSE clipping search), ptq (all three: the default preset). Each row: final error with its 95 %
++clip (weight MSE clipping search), ptq (all three), then on top of ptq: +pct (percentile activation ranges),
++amse (MSE activation clipping per layer, step bucket and bit choice), +smooth (SmoothQuant scale migration; the
+ptq-smooth preset), +recon (AdaRound at 4-6 weight bits; the ptq-recon preset), and every further named preset
+(QUANT_PRESETS: full). ``--configs a,b`` runs a subset (e.g. on a CPU). Each row: final error with its 95 %
 bootstrap CI over images, FD of the samples (the model's feature network), cost, and the engine's setup seconds
 (calibration: splits, input means, clipping search)."""
 import argparse
@@ -26,12 +29,22 @@ p.add_argument("--model", default="digits16")
 p.add_argument("--n", type=int, default=1000)
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--bits", default="4/8,6/6,8/8,4/16,8/16,16/16")
+p.add_argument("--configs", default=None, help="comma-separated subset of the configurations (default: all)")
 p.add_argument("--out", default=None)
 a = p.parse_args()
 den = load_denoiser(a.model)
-off = {k: False for k in QUANT_PRESETS["plain"]}
+off = QUANT_PRESETS["plain"]
+ptq = QUANT_PRESETS["ptq"]
 configs = {"plain": off, "+split": {**off, "split_concat": True}, "+bias": {**off, "bias_correction": True},
-           "+clip": {**off, "weight_clipping": True}, "ptq": QUANT_PRESETS["ptq"]}
+           "+clip": {**off, "weight_clipping": True}, "ptq": ptq, "ptq+pct": {**ptq, "act_clip": "percentile"},
+           "ptq+amse": {**ptq, "act_clip": "mse"}, "ptq+smooth": {**ptq, "smoothquant": True},
+           "ptq+recon": {**ptq, "reconstruction": True}}
+configs.update({k: v for k, v in QUANT_PRESETS.items() if v not in configs.values()})  # e.g. full
+if a.configs:
+    unknown = sorted(set(a.configs.split(",")) - set(configs))
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; accepted: {', '.join(configs)}")
+    configs = {k: configs[k] for k in a.configs.split(",")}
 pairs = [tuple(int(v) for v in s.split("/")) for s in a.bits.split(",")]
 ext = load_feature_extractor(den.dataset)
 real, m = real_reference(den.dataset, a.n)
@@ -59,4 +72,6 @@ print(f"FP fd: {fd_fp:.4g}")
 out = a.out or f"experiments/results/ptq_ablation_{a.model}.json"
 atomic_write_json(out, {"model": a.model, "n": a.n, "steps": a.steps, "sampler": "ddim", "fd_fp": fd_fp,
                         "machine": f"{platform.node()} {platform.machine()} {jax.devices()[0].device_kind}",
-                        "command": f"python experiments/ptq_ablation.py --model {a.model} --n {a.n}", "rows": rows})
+                        "command": f"python experiments/ptq_ablation.py --model {a.model} --n {a.n}"
+                                   + (f" --bits {a.bits}" if a.bits != p.get_default("bits") else "")
+                                   + (f" --configs {a.configs}" if a.configs else ""), "rows": rows})

@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--json", action="store_true", help="print JSON")
     l.set_defaults(fn=cmd_layers)
 
-    from .engine import QUANT_PRESETS
+    from .engine import DEFAULT_PRESET, QUANT_PRESETS
 
     def engine_args(q, n_default):
         q.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder")
@@ -397,15 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--a", type=int, default=None, help="activation bits for every layer and step")
         q.add_argument("--schedule", default=None,
                        help="JSON schedule file (full BitSchedule or bits_w/bits_a T x L) instead of --w/--a")
-        q.add_argument("--n", type=_int_at_least(1), default=n_default, help="images")
-        q.add_argument("--steps", type=_int_at_least(1), default=10, help="sampler steps (ignored with --schedule)")
-        q.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="sampler")
+        q.add_argument("--n", type=_int_at_least(1), default=n_default, help=f"images (default: {n_default})")
+        q.add_argument("--steps", type=_int_at_least(1), default=10,
+                       help="sampler steps (default: 10; ignored with --schedule)")
+        q.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="sampler (default: ddim)")
         q.add_argument("--act-ranges", default=None, choices=("dynamic", "static"),
                        help="activation ranges (default: dynamic, or the schedule's)")
         q.add_argument("--preset", default=None, choices=tuple(QUANT_PRESETS),
-                       help="quantizer: ptq (shortcut splitting, bias correction, weight clipping search) or plain "
-                            "(none of them) (default: ptq, or the schedule's quantizer block)")
-        q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank")
+                       help=f"quantizer preset (default: {DEFAULT_PRESET}, or the schedule's quantizer block; ptq: "
+                            "shortcut splitting, bias correction, weight clipping search; plain: none of them; "
+                            "ptq-smooth: ptq + SmoothQuant at weight bits >= 8; ptq-recon: ptq + AdaRound; "
+                            "full: ptq + both)")
+        q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank (default: eval)")
         q.add_argument("--json", action="store_true", help="print JSON")
 
     q = sub.add_parser("quantize", help="run the quantized sampler under uniform bits or a schedule file")

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
-import json
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -23,16 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .banks import ReferenceBank, cache_dir
+from .banks import ReferenceBank
 from .bits import DEFAULT_BIT_CHOICES, check_bits, check_choices, to_index
 from .config import check, is_int
 from .cost import CostModel
-from .denoiser import Denoiser, weights_hash
-from .io import read_cache, write_cache
+from .denoiser import Denoiser
 from .diffusion import Sampler, image_noise, make_sampler, sampler_step
-from .layers import activation_interceptor, map_layer_weights, path_tuple
-from .ptq import CLIP_GRID, input_means, input_splits, static_act_ranges, weight_clip_ratios
-from .quant import ACT_DEFAULT, ACT_RANGE_MODES, WEIGHT_DEFAULT, QuantSpec, fake_quant, range_from
+from .layers import activation_interceptor, layer_params, map_layer_weights
+from .ptq import (ACT_CLIP_MODES, CLIP_GRID, act_base_range, act_clip_ratios, bias_correctable, cached_arrays,
+                  input_means, input_splits, quant_act, smooth_scales, static_act_ranges, weight_clip_ratios)
+from .quant import (ACT_DEFAULT, ACT_RANGE_MODES, WEIGHT_DEFAULT, QuantSpec, compute_scale, fake_quant, qrange,
+                    range_from)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,7 +57,26 @@ class QuantConfig:
         amplifies ~157x at t ≈ T (what broke patches32 at W8).
     weight_clipping: MSE clipping search per output channel and bit choice (:func:`qpolicy.ptq.weight_clip_ratios`:
         the clipping ratio of the absmax minimising the weight's quantization error, searched over 0.5..1).
-    calib_n: calibration images for static ranges and bias correction.
+    act_clip: activation clipping: "none" (min/max ranges), "percentile" (the (100 − p, p) percentiles of each
+        image's tensor (dynamic) or of the calibration activations per (layer, step bucket) (static), p =
+        act_percentile) or "mse" (the range times a ratio per (layer, step bucket, input part, bit choice) minimising
+        the activation's quantization MSE on FP calibration trajectories, :func:`qpolicy.ptq.act_clip_ratios`).
+    act_percentile: p of act_clip="percentile", in [50, 100].
+    smoothquant: SmoothQuant scale migration (Xiao et al. 2023) on every conv / dense layer: inputs divided and
+        weights multiplied per input channel by s = max|X|^α / max|W|^(1−α) (calibrated on the calib bank; the
+        weights are quantized as s·W per bit choice), α per layer (:func:`qpolicy.ptq.smooth_scales`). Dynamic
+        activation ranges only: with act_ranges="static" it is set to False (the quantizer block records that).
+    smooth_alpha: fixed α for smoothquant; none = searched per layer over :data:`qpolicy.ptq.SMOOTH_ALPHAS`.
+    smooth_min_bits: smoothquant applies where the layer's weight bits are >= this (below, the migration makes the
+        weights harder to quantize than it makes the activations easier: measured at W4A8 on digits16); the input
+        and the weight of a layer always see the same s, chosen by the traced weight bits.
+    reconstruction: AdaRound learned rounding (output reconstruction per conv / dense layer on FP calibration inputs,
+        optax) at the weight bit choices ``recon_bits``, precomputed per choice (:mod:`qpolicy.reconstruct`).
+    recon_bits: weight bit choices that get learned rounding (each a bit choice <= 8).
+    recon_iters: Adam iterations per layer and bit choice.
+    attn_matmuls: precision of the activation-activation matmuls of attention (scores q·kᵀ, softmax, probs·v): only
+        "float" (they are not intercepted; recorded so a schedule says so).
+    calib_n: calibration images for static ranges, bias correction, activation clipping and SmoothQuant.
     preset: the name recorded for this combination (see :data:`QUANT_PRESETS`; "custom" when fields differ).
     """
 
@@ -71,17 +89,38 @@ class QuantConfig:
     split_concat: bool = True
     bias_correction: bool = True
     weight_clipping: bool = True
+    act_clip: str = "none"
+    act_percentile: float = 99.99
+    smoothquant: bool = False
+    smooth_alpha: float | None = None
+    smooth_min_bits: int = 8
+    reconstruction: bool = False
+    recon_bits: tuple[int, ...] = (4, 5, 6)
+    recon_iters: int = 300
+    attn_matmuls: str = "float"
     calib_n: int = 32
 
     def __post_init__(self) -> None:
-        if self.act_ranges not in ACT_RANGE_MODES:
-            raise ValueError(f"act_ranges must be one of {ACT_RANGE_MODES}, got {self.act_ranges!r}")
-        object.__setattr__(self, "calib_n", check("calib_n", self.calib_n, kind="int", lo=1))
-        for f in ("precompute_weights", *PTQ_FIELDS):
-            object.__setattr__(self, f, check(f, getattr(self, f), kind="bool"))
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass, normalised fields)
+        put("act_ranges", check("act_ranges", self.act_ranges, kind="choice", choices=ACT_RANGE_MODES))
+        put("calib_n", check("calib_n", self.calib_n, kind="int", lo=1))
+        for f in ("precompute_weights", "split_concat", "bias_correction", "weight_clipping", "smoothquant",
+                  "reconstruction"):
+            put(f, check(f, getattr(self, f), kind="bool"))
+        put("act_clip", check("act_clip", self.act_clip, kind="choice", choices=ACT_CLIP_MODES))
+        put("act_percentile", check("act_percentile", self.act_percentile, kind="real", lo=50, hi=100))
+        put("smooth_alpha", check("smooth_alpha", self.smooth_alpha, kind="real", lo=0, hi=1, optional=True))
+        put("smooth_min_bits", check("smooth_min_bits", self.smooth_min_bits, kind="int", lo=2, hi=32))
+        put("recon_iters", check("recon_iters", self.recon_iters, kind="int", lo=1))
+        put("bit_choices", check_choices(self.bit_choices))
+        put("recon_bits", tuple(check("recon_bits", b, kind="choice", choices=tuple(c for c in self.bit_choices
+                                                                                    if c <= 8))
+                                for b in self.recon_bits))
+        put("attn_matmuls", check("attn_matmuls", self.attn_matmuls, kind="choice", choices=ATTN_MATMULS))
+        if self.act_ranges == "static":  # static ranges are calibrated on the unsmoothed inputs
+            put("smoothquant", False)
         if self.range_buckets < 1:
             raise ValueError(f"range_buckets must be >= 1, got {self.range_buckets}")
-        object.__setattr__(self, "bit_choices", check_choices(self.bit_choices))
 
     @property
     def preset(self) -> str:
@@ -93,26 +132,43 @@ class QuantConfig:
         from .schedule import quantizer_dict
 
         return {**quantizer_dict(self.w_spec, self.a_spec, self.act_ranges), "preset": self.preset,
-                **{k: getattr(self, k) for k in PTQ_FIELDS}}
+                **{k: getattr(self, k) for k in (*PTQ_FIELDS, *PTQ_PARAMS)}}
 
     def to_dict(self) -> dict[str, Any]:
         return {"weights": dataclasses.asdict(self.w_spec), "activations": dataclasses.asdict(self.a_spec),
                 "act_ranges": self.act_ranges, "range_buckets": self.range_buckets,
                 "bit_choices": list(self.bit_choices), "preset": self.preset,
-                **{k: getattr(self, k) for k in PTQ_FIELDS}}
+                **{k: getattr(self, k) for k in (*PTQ_FIELDS, *PTQ_PARAMS)}}
 
 
-#: The PTQ technique switches of QuantConfig.
-PTQ_FIELDS = ("split_concat", "bias_correction", "weight_clipping")
-#: Named quantizer presets: "ptq" (the default: shortcut splitting, bias correction, weight clipping search) and
-#: "plain" (per-tensor
-#: dynamic activations, per-channel weights, nothing else: the engine before the PTQ toolbox).
-QUANT_PRESETS = {"ptq": {"split_concat": True, "bias_correction": True, "weight_clipping": True},
-                 "plain": {"split_concat": False, "bias_correction": False, "weight_clipping": False}}
+#: The PTQ technique switches of QuantConfig (a preset fixes every one of them).
+PTQ_FIELDS = ("split_concat", "bias_correction", "weight_clipping", "act_clip", "smoothquant", "reconstruction")
+#: Their parameters, recorded in the quantizer block with them.
+PTQ_PARAMS = ("act_percentile", "smooth_alpha", "smooth_min_bits", "recon_bits", "recon_iters", "attn_matmuls")
+#: Precisions of attention's activation-activation matmuls (QuantConfig.attn_matmuls).
+ATTN_MATMULS = ("float",)
+_OFF = {"split_concat": False, "bias_correction": False, "weight_clipping": False, "act_clip": "none",
+        "smoothquant": False, "reconstruction": False}
+_PTQ = {**_OFF, "split_concat": True, "bias_correction": True, "weight_clipping": True}
+#: Named quantizer presets: "ptq-smooth" (the default: ptq + SmoothQuant at weight bits >= 8), "ptq" (shortcut
+#: splitting, bias correction, weight clipping search), "plain" (per-tensor dynamic activations, per-channel weights,
+#: nothing else: the engine before the PTQ toolbox), "ptq-recon" (ptq + AdaRound at 4-6 weight bits), "full" (ptq +
+#: SmoothQuant + AdaRound).
+#: MSE / percentile activation clipping are switches in no preset (no gain measured; see the README).
+QUANT_PRESETS = {"ptq": _PTQ, "plain": _OFF,
+                 "ptq-smooth": {**_PTQ, "smoothquant": True},
+                 "ptq-recon": {**_PTQ, "reconstruction": True},
+                 "full": {**_PTQ, "smoothquant": True, "reconstruction": True}}
 
 
-def quant_config(preset: str = "ptq", **fields: Any) -> QuantConfig:
-    """QuantConfig of a named preset (:data:`QUANT_PRESETS`), with further fields overridden."""
+#: The default preset (QuantConfig()'s fields): the one the H100 results, the demo's timing and the tests were
+#: measured with; ptq-smooth measured better on the CPU at small n (README) and awaits the H100 ablation.
+DEFAULT_PRESET = "ptq"
+
+
+def quant_config(preset: str = DEFAULT_PRESET, **fields: Any) -> QuantConfig:
+    """QuantConfig of a named preset (:data:`QUANT_PRESETS`), with further fields overridden. With static activation
+    ranges a preset's SmoothQuant is left out (static ranges are calibrated on unsmoothed inputs)."""
     if preset not in QUANT_PRESETS:
         raise ValueError(f"quantizer preset must be one of {tuple(QUANT_PRESETS)}, got {preset!r}")
     return QuantConfig(**{**QUANT_PRESETS[preset], **fields})
@@ -154,7 +210,14 @@ class QuantEngine:
         put("input_splits", input_splits(self.den) if self.qcfg.split_concat else {})
         put("input_means", input_means(self.den, self.sampler, n=self.qcfg.calib_n) if self.qcfg.bias_correction
             else {})
+        put("smooth", self._calibrated("smooth", lambda: smooth_scales(self.den, self.sampler, self.qcfg,
+                                                                       n=self.qcfg.calib_n))
+            if self.qcfg.smoothquant else {})
+        put("act_ratios", self._calibrated("act_clip", lambda: act_clip_ratios(
+            self.den, self.sampler, self.qcfg, self.input_splits, self.smooth,
+            per_image=self.qcfg.act_ranges == "dynamic", n=self.qcfg.calib_n)) if self.qcfg.act_clip == "mse" else {})
         put("clip_ratios", self._clip_ratios() if self.qcfg.weight_clipping else {})
+        put("recon", self._calibrated("recon", self._reconstruct) if self.qcfg.reconstruction else {})
         put("bias_deltas", self._bias_deltas())
         put("weight_table", self._build_weight_table() if self.qcfg.precompute_weights else None)
         if self.qcfg.act_ranges == "static":
@@ -198,9 +261,7 @@ class QuantEngine:
         choices = jnp.asarray(self.qcfg.bit_choices, jnp.int32)
         out = {}
         for l, mean in self.input_means.items():
-            node = self.den.params
-            for k in path_tuple(self.den.layers[l].path):
-                node = node[k]
+            node = layer_params(self.den.params, self.den.layers[l])
             w = jnp.asarray(node["kernel"], jnp.float32)
             dw = jax.jit(jax.vmap(lambda b: (self.quantize_weight(l, w, b) - w).reshape(-1, w.shape[-2],
                                                                                         w.shape[-1]).sum(0)))(choices)
@@ -212,42 +273,111 @@ class QuantEngine:
         sizes = self.input_splits.get(l)
         return sizes if sizes and w.ndim >= 2 and w.shape[-2] == sum(sizes) else None
 
-    def _clip_ratios(self) -> dict[tuple[int, str, int], jax.Array]:
-        """{(layer, weight name, part): (C, *scale shape) MSE-optimal clipping ratios} (symmetric tensor/channel
-        weight specs; other specs are not clipped)."""
+    def _calibrated(self, kind: str, compute: Callable[[], dict[int, jax.Array]]) -> dict[int, jax.Array]:
+        """A per-layer calibration product {l: array}, cached on disk (key: the quantizer config, sampler, calibration
+        images, and the splits, smoothing scales and clipping ratios in use)."""
+        clip = getattr(self, "clip_ratios", {})  # what reconstruction rounds on
+        clip_tag = hashlib.sha256(b"".join(np.asarray(clip[k]).tobytes() for k in sorted(clip))).hexdigest()[:12]
+        key = (kind, self.qcfg.to_dict(), self.sampler.kind, self.num_steps, float(getattr(self.sampler, "eta", 0.0)),
+               sorted(self.input_splits.items()), self._smooth_tag(), clip_tag, self.den.layer_hash)
+        out = cached_arrays(kind, self.den, key, lambda: {(l,): v for l, v in compute().items()})
+        return {k[0]: v for k, v in out.items()}
+
+    def _reconstruct(self) -> dict[int, jax.Array]:
+        """AdaRound weights {l: (len(recon_bits), *kernel shape)} of every conv / dense layer with a 2-D or 4-D
+        kernel (symmetric tensor / channel weight specs)."""
+        from .reconstruct import reconstruct_weights
+
         spec = self.qcfg.w_spec
         if not spec.symmetric or spec.log2 or spec.granularity == "group":
             return {}
-        tag = hashlib.sha256(repr((spec, self.qcfg.bit_choices, CLIP_GRID, sorted(self.input_splits.items()),
-                                   self.den.layer_hash)).encode()).hexdigest()[:12]
-        path = cache_dir() / "clip" / f"{self.den.name}_{weights_hash(self.den)}_{tag}.npz"
-        got = read_cache(path, key=path.stem)
-        if got is not None:
-            with np.load(io.BytesIO(got[0])) as z:
-                return {tuple(json.loads(k)): jnp.asarray(z[k]) for k in z.files}
-        out = {}
-        for lay in self.den.layers:
-            node = self.den.params
-            for k in path_tuple(lay.path):
-                node = node[k]
-            for name in lay.weight_names:
-                w = jnp.asarray(node[name], jnp.float32)
-                sizes = self.weight_parts(lay.index, w)
-                parts = jnp.split(w, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [w]
-                for j, p in enumerate(parts):
-                    out[(lay.index, name, j)] = weight_clip_ratios(p, spec, self.qcfg.bit_choices)
-        buf = io.BytesIO()
-        np.savez(buf, **{json.dumps(list(k)): np.asarray(v) for k, v in out.items()})
-        write_cache(path, buf.getvalue(), key=path.stem)
-        return out
+        layers = [l for l in bias_correctable(self.den, need_bias=False) if len(self.den.layers[l].weight_shape)
+                  in (2, 4)]
+        return reconstruct_weights(self.den, self.sampler, layers, self.weight_grid, self.qcfg.recon_bits,
+                                   n=self.qcfg.calib_n, iters=self.qcfg.recon_iters)
+
+    def weight_grid(self, l: int, bits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(step per kernel entry (kernel shape, in the kernel's basis), qmin, qmax) of layer l's kernel quantizer at
+        ``bits``: per slice and output channel, clipped range, SmoothQuant's step on s·W divided by s."""
+        w = jnp.asarray(layer_params(self.den.params, self.den.layers[l])["kernel"], jnp.float32)
+        ws = self.smoothed(l, w, bits)
+        sizes = self.weight_parts(l, w)
+        parts = jnp.split(ws, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [ws]
+        scales = [jnp.broadcast_to(compute_scale(p, bits, self.qcfg.w_spec,
+                                                 absmax=self.weight_absmax(l, "kernel", j, p, bits))[0], p.shape)
+                  for j, p in enumerate(parts)]
+        scale = jnp.concatenate(scales, axis=-2)
+        if l in self.smooth:
+            scale = scale / self.smooth_scale(l, bits)[:, None]
+        qmin, qmax = qrange(bits, True)
+        return scale, qmin.astype(jnp.float32), qmax.astype(jnp.float32)
+
+    def _smooth_tag(self) -> str:
+        smooth = getattr(self, "smooth", {})
+        return hashlib.sha256(b"".join(np.asarray(smooth[l]).tobytes() for l in sorted(smooth))).hexdigest()[:12]
+
+    def _clip_ratios(self) -> dict[tuple[int, str, int], jax.Array]:
+        """{(layer, weight name, part): (C, *scale shape) MSE-optimal clipping ratios} (symmetric tensor/channel
+        weight specs; other specs are not clipped), searched on the smoothed weights s·W with smoothquant."""
+        spec = self.qcfg.w_spec
+        if not spec.symmetric or spec.log2 or spec.granularity == "group":
+            return {}
+
+        def compute():
+            out = {}
+            for lay in self.den.layers:
+                node = layer_params(self.den.params, lay)
+                for name in lay.weight_names:
+                    w = jnp.asarray(node[name], jnp.float32)
+                    sizes = self.weight_parts(lay.index, w)
+                    split = lambda v: jnp.split(v, np.cumsum(sizes)[:-1].tolist(), axis=-2) if sizes else [v]  # noqa
+                    full = self.smoothed(lay.index, w, jnp.int32(32), name)  # s·W (smoothed layers)
+                    for j, (p, ps) in enumerate(zip(split(w), split(full))):
+                        r = weight_clip_ratios(p, spec, self.qcfg.bit_choices)
+                        if ps is not p:  # the choices at which the layer is smoothed are searched on s·W
+                            on = jnp.asarray([c >= self.qcfg.smooth_min_bits for c in self.qcfg.bit_choices])
+                            r = jnp.where(on.reshape((-1,) + (1,) * (r.ndim - 1)),
+                                          weight_clip_ratios(ps, spec, self.qcfg.bit_choices), r)
+                        out[(lay.index, name, j)] = r
+            return out
+
+        return cached_arrays("clip", self.den, (spec, self.qcfg.bit_choices, CLIP_GRID,
+                                                sorted(self.input_splits.items()), self.den.layer_hash,
+                                                self._smooth_tag(), self.qcfg.smooth_min_bits), compute)
+
+    def smooth_scale(self, l: int, bits_w: jax.Array) -> jax.Array | None:
+        """Layer l's SmoothQuant scales (Cin,) at weight bits ``bits_w`` (1 below smooth_min_bits); None when the
+        layer is not smoothed."""
+        s = self.smooth.get(l)
+        return None if s is None else jnp.where(jnp.asarray(bits_w) >= self.qcfg.smooth_min_bits, s, 1.0)
+
+    def smoothed(self, l: int, w: jax.Array, bits_w: jax.Array, name: str = "kernel") -> jax.Array:
+        """s·W (SmoothQuant scales at ``bits_w`` along the input-channel axis −2) for a smoothed layer's kernel,
+        else W itself."""
+        s = self.smooth_scale(l, bits_w) if name == "kernel" else None
+        return w if s is None else w * s[:, None]
 
     def quantize_weight(self, l: int, w: jax.Array, bits: jax.Array, name: str = "kernel") -> jax.Array:
         """Layer l's weight fake-quantized at ``bits``: per input-channel slice when its input is split, with the
-        MSE-searched clipping ratio of ``bits`` when weight_clipping is on."""
+        MSE-searched clipping ratio of ``bits`` when weight_clipping is on; with smoothquant, Q(s·W)/s (the layer then
+        sees Q(X/s)·s, so the product is Q(X/s)·Q(s·W)); exactly W at float passthrough."""
         counter = iter(range(1 << 30))
         q = lambda p: fake_quant(p, bits, self.qcfg.w_spec, absmax=self.weight_absmax(l, name, next(counter), p, bits))
         sizes = self.weight_parts(l, w)
-        return split_apply(w, sizes, q, axis=-2) if sizes else q(w)
+        ws = self.smoothed(l, w, bits, name)
+        out = split_apply(ws, sizes, q, axis=-2) if sizes else q(ws)
+        if ws is not w:  # back to X's basis
+            out = jnp.where(bits >= 32, w, out / self.smooth_scale(l, bits)[:, None].astype(out.dtype))
+        if l in self.recon and name == "kernel":  # learned rounding at its bit choices
+            r = jnp.asarray(self._recon_rows)[to_index(bits, self.qcfg.bit_choices)]
+            out = jnp.where(r >= 0, self.recon[l][jnp.maximum(r, 0)].astype(out.dtype), out)
+        return out
+
+    @functools.cached_property
+    def _recon_rows(self) -> np.ndarray:
+        """(C,) row of each bit choice in the reconstruction tables (−1: not reconstructed)."""
+        rb = list(self.qcfg.recon_bits)
+        return np.asarray([rb.index(c) if c in rb else -1 for c in self.qcfg.bit_choices], np.int32)
 
     def weight_absmax(self, l: int, name: str, part: int, w: jax.Array, bits: jax.Array) -> jax.Array | None:
         """The range of weight slice ``part`` of layer l at ``bits``: the MSE-searched fraction of its absmax
@@ -275,35 +405,63 @@ class QuantEngine:
             return params
         idx = to_index(bits_w, self.qcfg.bit_choices)
         for l, delta in self.bias_deltas.items():
-            node = params
-            for k in path_tuple(self.den.layers[l].path):
-                node = node[k]
+            node = layer_params(params, self.den.layers[l])
             node["bias"] = node["bias"] - delta[i, idx[l]].astype(node["bias"].dtype)
         return params
 
-    def act_quant_fn(self, i: jax.Array, bits_a: jax.Array) -> Callable[[int, jax.Array], jax.Array]:
+    def act_range(self, l: int, part: int, i: jax.Array, bits: jax.Array, v: jax.Array
+                  ) -> tuple[jax.Array, jax.Array] | None:
+        """The dynamic per-tensor (lo, hi) range of input part ``part`` of layer l at sampler step i for one image's
+        (smoothed) tensor ``v`` at ``bits``: its min/max or percentiles (act_clip), times the MSE clipping ratio of
+        (l, step bucket, part, bits); None for plain min/max ranges (the spec's own dynamic quantizer, any
+        granularity)."""
+        pct = self.qcfg.act_percentile if self.qcfg.act_clip == "percentile" else None
+        r = self.act_ratios.get(l)
+        if pct is None and r is None:
+            return None
+        lo, hi = act_base_range(v, self.qcfg.a_spec, pct)
+        ratio = 1.0 if r is None else r[self.bucket(i), part, to_index(bits, self.qcfg.bit_choices)]
+        return ratio * lo, ratio * hi
+
+    def act_quant_fn(self, i: jax.Array, bits_a: jax.Array, bits_w: jax.Array | None = None
+                     ) -> Callable[[int, jax.Array], jax.Array]:
         """fn(l, a) -> layer l's input a fake-quantized with bits_a[l] at sampler step i: static ranges of step i's
         bucket, or dynamic ranges per image (one image's error never depends on its batch-mates), one quantizer
-        per concatenated part with split_concat."""
-        spec = self.qcfg.a_spec
+        per concatenated part with split_concat; ranges clipped by act_clip (:meth:`act_range`); with smoothquant a
+        is divided by the layer's scales s at its weight bits ``bits_w`` (None: float weights) before quantization and
+        multiplied back after (exactly a at float passthrough)."""
+        spec, k = self.qcfg.a_spec, self.bucket(i)
         if self.qcfg.act_ranges == "static":
-            table = self.act_ranges_table[self.bucket(i)]
-            if spec.symmetric:
-                return lambda l, a: fake_quant(a, bits_a[l], spec, absmax=table[l, 1])
-            return lambda l, a: fake_quant(a, bits_a[l], spec, minmax=(table[l, 0], table[l, 1]))
+            table = self.act_ranges_table[k]
+
+            def static(l, a):
+                r = self.act_ratios.get(l)
+                ratio = 1.0 if r is None else r[k, 0, to_index(bits_a[l], self.qcfg.bit_choices)]
+                return quant_act(a, bits_a[l], spec, table[l, 0], table[l, 1], ratio)
+            return static
 
         def fn(l, a):
+            s = self.smooth_scale(l, 32 if bits_w is None else bits_w[l])
+            v = a / s if s is not None else a
             sizes = self.input_splits.get(l)
-            one = lambda v: fake_quant(v, bits_a[l], spec)
-            if sizes and a.shape[-1] == sum(sizes):
-                return jax.vmap(lambda v: split_apply(v, sizes, one, axis=-1))(a)
-            return jax.vmap(one)(a)
+            sizes = sizes if sizes and a.shape[-1] == sum(sizes) else (a.shape[-1],)
+
+            def part(p, j):
+                rng = self.act_range(l, j, i, bits_a[l], p)
+                return fake_quant(p, bits_a[l], spec) if rng is None else quant_act(p, bits_a[l], spec, *rng)
+
+            def image(u):
+                parts = jnp.split(u, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+                return jnp.concatenate([part(p, j) for j, p in enumerate(parts)], axis=-1)
+
+            y = jax.vmap(image)(v)
+            return y if s is None else jnp.where(bits_a[l] >= 32, a, y * s)
         return fn
 
     def eps(self, x: jax.Array, i: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
         """Quantized eps at sampler step i for x (B, H, W, C), with (L,) bits."""
         t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
-        with nn.intercept_methods(activation_interceptor(self.den.layers, self.act_quant_fn(i, bits_a))):
+        with nn.intercept_methods(activation_interceptor(self.den.layers, self.act_quant_fn(i, bits_a, bits_w))):
             return self.den.apply(self.quantize_params(bits_w, i), x, t)
 
     def step(self, x: jax.Array, i: jax.Array, keys: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ from jax import lax
 
 from .banks import ReferenceBank
 from .engine import QuantEngine, relative_error
-from .layers import path_tuple
+from .layers import layer_params, path_tuple
 from .quant import quantize_int, range_from
 
 INT_KINDS = ("conv", "dense")
@@ -60,29 +60,36 @@ def int_accumulate(module: nn.Module, q_in: jax.Array, zp: jax.Array, q_w: jax.A
 
 
 def integer_layer(engine: QuantEngine, l: int, module: nn.Module, x: jax.Array, bits_w: jax.Array,
-                  bits_a: jax.Array) -> jax.Array:
-    """Layer l's output on the integer path for float input x (B, ..., Cin) (before activation quantization)."""
+                  bits_a: jax.Array, i: jax.Array = 0) -> jax.Array:
+    """Layer l's output on the integer path for float input x (B, ..., Cin) (before activation quantization) at
+    sampler step i: the engine's activation ranges (clipping) and weight codes (clipping search, SmoothQuant's s·W
+    with the input divided by s, learned rounding where reconstructed)."""
     spec_a = engine.qcfg.a_spec
     w = jnp.asarray(engine_weight(engine, l), jnp.float32)
     sizes = engine.weight_parts(l, w) or (w.shape[-2],)
     splits = np.cumsum(sizes)[:-1].tolist()
+    if l in engine.smooth:
+        x = x / engine.smooth_scale(l, bits_w)
+    w_codes = engine.smoothed(l, engine.quantize_weight(l, w, bits_w), bits_w)  # on the grid: exact codes, rounded
     xs = jnp.split(x, splits, axis=-1) if len(sizes) > 1 and x.shape[-1] == sum(sizes) else [x]
-    ws = jnp.split(w, splits, axis=-2) if len(xs) > 1 else [w]
+    w_s = engine.smoothed(l, w, bits_w)
+    ws = jnp.split(w_s, splits, axis=-2) if len(xs) > 1 else [w_s]
+    wq = jnp.split(w_codes, splits, axis=-2) if len(xs) > 1 else [w_codes]
     y = 0.0
-    for j, (xp, wp) in enumerate(zip(xs, ws)):
-        q_x, s_x, zp = jax.vmap(lambda v: quantize_int(v, bits_a, spec_a))(xp)  # per image, like the simulation
+    for j, (xp, wp, wqp) in enumerate(zip(xs, ws, wq)):
+        q_x, s_x, zp = jax.vmap(lambda v: quantize_int(v, bits_a, spec_a,  # per image, like the simulation
+                                                       minmax=engine.act_range(l, j, i, bits_a, v)))(xp)
         absmax = engine.weight_absmax(l, "kernel", j, wp, bits_w)
-        q_w, s_w, _ = quantize_int(wp, bits_w, engine.qcfg.w_spec, absmax=absmax)
-        acc = int_accumulate(module, q_x, zp, q_w)
+        _, s_w, _ = quantize_int(wp, bits_w, engine.qcfg.w_spec, absmax=absmax)
+        q_w = jnp.round(wqp / s_w).astype(jnp.int32)
+        acc = int_accumulate(module, q_x, zp.reshape((-1,) + (1,) * (xp.ndim - 1)), q_w)
         y = y + acc.astype(jnp.float32) * s_x.reshape((-1,) + (1,) * (acc.ndim - 1)) * s_w.reshape(-1)
     bias = module.variables["params"].get("bias")
     return y + bias if bias is not None else y
 
 
 def engine_weight(engine: QuantEngine, l: int) -> Any:
-    node = engine.den.params
-    for k in path_tuple(engine.den.layers[l].path):
-        node = node[k]
+    node = layer_params(engine.den.params, engine.den.layers[l])
     return node["kernel"]
 
 
@@ -97,7 +104,7 @@ def _interceptor(engine: QuantEngine, i: jax.Array, bw: jax.Array, ba: jax.Array
     max |y_int − y_sim|) where both bits are <= 8 (0 elsewhere), and returns y_int there (use_int) or y_sim."""
     index = {path_tuple(l.path): l.index for l in engine.den.layers}
     ok = set(eligible(engine))
-    act = engine.act_quant_fn(i, ba)
+    act = engine.act_quant_fn(i, ba, bw)
 
     def interceptor(next_fun, args, kwargs, context):
         l = index.get(tuple(context.module.scope.path)) if context.method_name == "__call__" else None
@@ -109,7 +116,7 @@ def _interceptor(engine: QuantEngine, i: jax.Array, bw: jax.Array, ba: jax.Array
         if l not in ok or not isinstance(mod, (nn.Conv, nn.Dense)) or getattr(mod, "feature_group_count", 1) != 1:
             return y_sim
         on = (bw[l] <= 8) & (ba[l] <= 8)
-        y_int = integer_layer(engine, l, mod, x, jnp.minimum(bw[l], 8), jnp.minimum(ba[l], 8))
+        y_int = integer_layer(engine, l, mod, x, jnp.minimum(bw[l], 8), jnp.minimum(ba[l], 8), i)
         lo, hi = jax.vmap(lambda v: range_from(v, engine.qcfg.a_spec))(y_sim)
         step = (hi - lo).reshape(-1) / (2.0 ** ba[l].astype(jnp.float32) - 1)  # output step per image
         dev = jnp.abs(y_int - y_sim).reshape(y_sim.shape[0], -1).max(1)
@@ -150,10 +157,10 @@ def run_sampler(engine: QuantEngine, bank: ReferenceBank, bits_w: np.ndarray, bi
 def check(engine: QuantEngine, bank: ReferenceBank, bits_w: Any, bits_a: Any) -> dict[str, Any]:
     """Integer path vs simulation for a (S, L) schedule on ``bank``'s images: per-layer max deviation in output
     quantization steps (``max_lsb``) and absolute, the worst layer, and the end-to-end final errors."""
-    spec = engine.qcfg.a_spec
-    if engine.qcfg.act_ranges != "dynamic" or spec.symmetric or spec.granularity != "tensor":
+    spec, q = engine.qcfg.a_spec, engine.qcfg
+    if q.act_ranges != "dynamic" or spec.symmetric or spec.granularity != "tensor":
         raise ValueError("the integer path mirrors dynamic, asymmetric, per-tensor activation quantizers (the default "
-                         f"activation spec); got act_ranges={engine.qcfg.act_ranges!r}, a_spec={engine.qcfg.a_spec}")
+                         f"activation spec); got act_ranges={q.act_ranges!r}, a_spec={q.a_spec}")
     bw, ba = np.asarray(bits_w, np.int64), np.asarray(bits_a, np.int64)
     x_int, stats, ran = run_sampler(engine, bank, bw, ba, use_int=True)
     x_sim, _, _ = run_sampler(engine, bank, bw, ba, use_int=False)

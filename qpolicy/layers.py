@@ -163,6 +163,11 @@ def _get(tree: Any, path: Sequence[str]) -> Any:
     return tree
 
 
+def layer_params(params: Any, layer: LayerInfo) -> Any:
+    """The params sub-tree of one registered layer (its kernel, bias, ...)."""
+    return _get(params, path_tuple(layer.path))
+
+
 def map_layer_weights(params: Any, layers: Sequence[LayerInfo], fn: Callable[..., Any], *, named: bool = False
                       ) -> Any:
     """Return a copy of the ``params`` collection with every layer weight w replaced by fn(index, w) (or
@@ -208,5 +213,5 @@ def format_table(layers: Sequence[LayerInfo]) -> str:
     return "\n".join(lines + [total])
 
 
-__all__ = ["LayerInfo", "trace_layers", "layer_hash", "map_layer_weights", "activation_interceptor",
+__all__ = ["LayerInfo", "trace_layers", "layer_hash", "layer_params", "map_layer_weights", "activation_interceptor",
            "total_macs", "format_table", "KNOWN_KINDS"]

@@ -108,6 +108,7 @@ __all__ = [
     "effective_bits",
     "compute_scale",
     "range_from",
+    "percentile_range",
     "fake_quant",
     "quantize_int",
     "dequantize",
@@ -464,6 +465,29 @@ def range_from(x, spec: QuantSpec):
     if spec.symmetric:
         return layout.param_from_work(rng)
     return tuple(layout.param_from_work(r) for r in rng)
+
+
+def percentile_range(x, p: float):
+    """``(lo, hi)`` = the ``100 - p`` and ``p`` percentiles of all of ``x``'s elements (float32 scalars), exactly
+    ``np.percentile(x, [100 - p, p])`` (linear interpolation between order statistics), from the top
+    ``k = N - floor((N - 1) · p / 100)`` elements of each tail (``lax.top_k``: no full sort). ``p`` in [50, 100];
+    a clipped activation range (percentile calibration) that ignores the rarest outliers."""
+    if not 50.0 <= float(p) <= 100.0:
+        raise ValueError(f"act_percentile must be in [50, 100], got {p!r}")
+    v = jnp.ravel(jnp.asarray(x, jnp.float32))
+    n = v.shape[0]
+    h = (n - 1) * float(p) / 100.0
+    j = int(np.floor(h))
+    frac = jnp.float32(h - j)
+    k = min(n - j, n)
+
+    def upper(u):  # ascending order statistics j and j + 1 of u = the descending ones n-1-j and n-2-j
+        top = jax.lax.top_k(u, k)[0]
+        a = top[n - 1 - j]
+        b = top[max(n - 2 - j, 0)]
+        return a + frac * (b - a)
+
+    return -upper(-v), upper(v)
 
 
 def compute_scale(x, bits, spec: QuantSpec, *, absmax=None, minmax=None):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from qpolicy import fidelity, make_engine, reference_bank, uniform_bits, wrap_denoiser
+from qpolicy import QuantConfig, fidelity, make_engine, reference_bank, uniform_bits, wrap_denoiser
 from qpolicy.banks import BANK_SEEDS
 from qpolicy.diffusion import image_keys, image_noise, make_schedule
 from qpolicy.engine import quant_config
@@ -87,10 +87,13 @@ def test_weight_clipping_never_worse_and_clips_outliers():
 def test_presets_and_quantizer_block(mlp):
     plain = make_engine(mlp, steps=2, qcfg=quant_config("plain"))
     assert not plain.input_splits and not plain.input_means and not plain.clip_ratios
-    assert plain.qcfg.preset == "plain" and quant_config().preset == "ptq"
-    block = quant_config().quantizer_block()
-    assert block["preset"] == "ptq" and block["split_concat"] and block["bias_correction"] and block["weight_clipping"]
+    assert plain.qcfg.preset == "plain" and quant_config().preset == "ptq" == QuantConfig().preset
+    block = quant_config("ptq-smooth").quantizer_block()
+    assert block["preset"] == "ptq-smooth" and block["split_concat"] and block["bias_correction"]
+    assert block["weight_clipping"] and block["smoothquant"] and block["smooth_min_bits"] == 8
+    assert not quant_config().quantizer_block()["smoothquant"]
     assert quant_config("ptq", act_ranges="static").preset == "ptq"  # static ranges: weights split, activations not
+    assert quant_config("ptq-smooth", act_ranges="static").preset == "ptq"  # static ranges leave SmoothQuant out
     with pytest.raises(ValueError, match="preset must be one of"):
         quant_config("best")
 
@@ -110,8 +113,11 @@ def test_int8_accumulation_equals_float64_reference():
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(ref).astype(np.int64))
 
 
-def test_integer_execution_within_one_lsb(tiny_denoiser):
-    eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config("ptq"))
+@pytest.mark.parametrize("extra", [pytest.param({}, id="ptq"), pytest.param(
+    {"act_clip": "mse", "smoothquant": True, "reconstruction": True, "recon_bits": (8,), "recon_iters": 10,
+     "calib_n": 4}, id="all", marks=pytest.mark.slow)])  # all: ~3 CPU-minutes (calibrations + two compiles)
+def test_integer_execution_within_one_lsb(tiny_denoiser, extra):
+    eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config("ptq", **extra))
     bank = reference_bank(eng, "eval", 2)
     bw, ba = uniform_bits(eng, 8, 8)
     bw[1, :3] = 16  # a layer above 8 bits stays on the float simulation at that step
@@ -134,3 +140,104 @@ def test_cli_fidelity_digits16_within_one_lsb(capsys):
     assert main(["fidelity", "--model", "digits16", "--w", "8", "--a", "8", "--n", "2", "--steps", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["layers_int"] == res["layers_total"] == 43 and res["max_lsb"] <= 1.0
+
+
+# ------------------------------------------------------------------------------------------------ percentile, MSE
+# activation clipping, SmoothQuant, AdaRound
+def test_percentile_range_equals_numpy():
+    from qpolicy.quant import percentile_range
+
+    x = np.random.default_rng(3).standard_t(2, (5, 7, 11)).astype(np.float32)  # heavy tails
+    for p in (50.0, 90.0, 99.0, 99.99, 100.0):
+        np.testing.assert_allclose(np.asarray(percentile_range(x, p)), np.percentile(x.astype(np.float64),
+                                                                                     [100 - p, p]), rtol=1e-6)
+    with pytest.raises(ValueError, match="act_percentile"):
+        percentile_range(x, 40.0)
+
+
+def test_act_clip_ratios_pick_the_mse_optimal_clip(mlp):
+    """A layer input with one outlier per image: at 2 bits the MSE ratio clips it (< 1), at 16 bits it does not, and
+    the clipped quantizer's error is no larger than min/max's on the same input."""
+    from qpolicy.ptq import ACT_CLIP_GRID, quant_act
+
+    eng = make_engine(mlp, steps=2, qcfg=quant_config("plain", act_clip="mse", calib_n=8))
+    r = eng.act_ratios[eng.num_layers - 1]  # `out`: post-SiLU input, (buckets, parts, C)
+    choices = list(eng.qcfg.bit_choices)
+    assert r.shape == (eng.qcfg.range_buckets, 1, len(choices))
+    assert set(np.unique(np.asarray(r))) <= set(np.float32(ACT_CLIP_GRID))
+    assert float(r[:, 0, choices.index(2)].max()) < 1.0 and float(r[:, 0, choices.index(32)].min()) == 1.0
+    v = jnp.asarray(np.random.default_rng(0).standard_normal(256), jnp.float32).at[0].set(20.0)
+    lo, hi = v.min(), v.max()
+    errs = [float(jnp.sum((quant_act(v, 3, eng.qcfg.a_spec, lo, hi, c) - v) ** 2)) for c in ACT_CLIP_GRID]
+    assert min(errs) < errs[-1]  # the outlier case the search is for
+
+
+def test_smoothquant_keeps_fp_output_and_flattens_channel_ranges(mlp):
+    from qpolicy.ptq import smooth_factors
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((64, 6)) * np.array([1, 1, 50, 1, 0.1, 1])  # one outlier channel
+    w = rng.standard_normal((6, 5))
+    s = np.asarray(smooth_factors(jnp.asarray(np.abs(x).max(0), jnp.float32), jnp.asarray(w, jnp.float32), 0.5),
+                   np.float64)
+    np.testing.assert_allclose((x / s) @ (s[:, None] * w), x @ w, rtol=1e-12)  # exact migration in float64
+    spread = lambda a: np.abs(a).max(0).max() / np.abs(a).max(0).min()  # noqa: E731
+    assert spread(x / s) < spread(x)
+    smooth = make_engine(mlp, steps=2, qcfg=quant_config("plain", smoothquant=True, smooth_alpha=0.5, calib_n=8))
+    plain = make_engine(mlp, steps=2, qcfg=quant_config("plain"))
+    assert smooth.smooth and smooth.qcfg.quantizer_block()["smoothquant"]
+    xi = image_noise(image_keys(BANK_SEEDS["calib"], 4), 0, mlp.image_shape)
+    fp = jnp.full((plain.num_layers,), 32, jnp.int32)
+    np.testing.assert_array_equal(np.asarray(smooth.eps(xi, 0, fp, fp)), np.asarray(plain.eps(xi, 0, fp, fp)))
+    l = next(iter(smooth.smooth))  # below smooth_min_bits (8) the layer is not smoothed: plain weights exactly
+    w = jnp.asarray(mlp.params[mlp.layers[l].path]["kernel"])
+    np.testing.assert_array_equal(np.asarray(smooth.quantize_weight(l, w, jnp.int32(4))),
+                                  np.asarray(plain.quantize_weight(l, w, jnp.int32(4))))
+    assert not np.array_equal(np.asarray(smooth.quantize_weight(l, w, jnp.int32(8))),
+                              np.asarray(plain.quantize_weight(l, w, jnp.int32(8))))
+    e8, ref = jnp.full((plain.num_layers,), 8, jnp.int32), np.asarray(plain.eps(xi, 0, fp, fp))
+    assert np.linalg.norm(np.asarray(smooth.eps(xi, 0, e8, e8)) - ref) < 0.03 * np.linalg.norm(ref)  # W8A8 near FP
+
+
+def test_adaround_beats_nearest_and_stays_on_floor_or_ceil():
+    from qpolicy.reconstruct import adaround
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((256, 16)) @ rng.standard_normal((16, 16)), jnp.float32)  # correlated inputs
+    w = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
+    scale = jnp.broadcast_to(jnp.abs(w).max(0, keepdims=True) / 7, w.shape)  # 4 bits, per output channel
+    wq, e_ada, e_near = adaround(x, w, scale, -7.0, 7.0, iters=300)
+    assert float(e_ada) < 0.8 * float(e_near)
+    code = np.asarray(wq / scale)
+    np.testing.assert_allclose(code, np.round(code), atol=1e-4)
+    fl = np.floor(np.asarray(w / scale))
+    assert np.all((np.round(code) == fl) | (np.round(code) == fl + 1))
+
+
+def test_new_switches_round_trip_and_keep_bits_traced(mlp):
+    import json
+
+    from qpolicy.schedule import BitSchedule
+
+    qcfg = quant_config("ptq", act_clip="mse", smoothquant=True, reconstruction=True, recon_bits=(4,), recon_iters=20,
+                        calib_n=8)
+    eng = make_engine(mlp, steps=2, qcfg=qcfg)
+    assert eng.act_ratios and eng.smooth and eng.recon
+    bw, ba = uniform_bits(eng, 4, 8)
+    sched = BitSchedule.for_denoiser(mlp, eng.sampler, bw, ba, quantizer=qcfg.quantizer_block())
+    back = BitSchedule.from_dict(json.loads(json.dumps(sched.to_dict()))).quantizer
+    for k in ("act_clip", "smoothquant", "reconstruction", "recon_bits", "act_percentile", "attn_matmuls", "preset"):
+        assert back[k] == json.loads(json.dumps(qcfg.quantizer_block()[k])), k
+    assert back["preset"] == "custom" and back["recon_bits"] == [4]
+    bank = reference_bank(eng, "eval", 2)
+    errs = {}
+    for b in (2, 4, 8, 32):  # reconstructed (4) and plain choices: one compile
+        errs[b] = float(eng.errors_fn(bank.keys, bank.traj, jnp.full(bw.shape, b, jnp.int32),
+                                      jnp.full(bw.shape, 8, jnp.int32))[0][-1].mean())
+    assert eng.errors_fn._cache_size() == 1
+    assert errs[2] > errs[4] > errs[8]
+    with pytest.raises(ValueError, match="recon_bits must be one of"):
+        quant_config("ptq", recon_bits=(16,))
+    with pytest.raises(ValueError, match="act_clip must be one of"):
+        quant_config("ptq", act_clip="kl")
+    assert not quant_config("ptq", smoothquant=True, act_ranges="static").smoothquant  # static: no migration
