@@ -1,18 +1,14 @@
-"""Run directories as transactions: fingerprints, the directory lock, metrics truncated on resume, and a JAX PPO
-run that resumes bit-exactly from its checkpoint."""
+"""Run directories as transactions: fingerprints, the directory lock, metrics truncated on resume (a JAX PPO run's
+bit-exact resume: tests/test_ppo_jax.py and, killed with SIGKILL, tests/test_faults.py)."""
 import json
 import os
 import subprocess
 import sys
-import time
 
-import jax
-import numpy as np
 import pytest
 import yaml
 
 from qpolicy.denoiser import save_checkpoint
-from qpolicy.io import load_pytree
 from qpolicy.rundir import LOCK_FILE, LockedError, locked
 from qpolicy.runs import RunConfig, load_run, train
 from qpolicy.tracking import read_metrics, truncate_metrics
@@ -31,53 +27,6 @@ def tiny_cfg(ckpt, **kw):
                                                                   "bit_choices": [4, 8]},
                         "total_timesteps": 96, "num_envs": 4, "checkpoint_every": 24,
                         "agent_kwargs": {"num_steps": 6, "num_minibatches": 2}, "wandb": "disabled", **kw})
-
-
-class Killed(Exception):
-    pass
-
-
-@pytest.fixture(scope="module")
-def ppo_runs(tiny_ckpt, tmp_path_factory):
-    """An uninterrupted 4-update run, and one killed after the checkpoint at update 2 then resumed."""
-    from qpolicy.agents import ppo_jax
-
-    root = tmp_path_factory.mktemp("runs")
-    cfg = tiny_cfg(tiny_ckpt)
-    train(cfg, root / "full", progress=False)
-    save = ppo_jax.Checkpointer.maybe_save
-
-    def dying(self, runner, update, *, final=False):
-        out = save(self, runner, update, final=final)
-        if update == 2:
-            raise Killed
-        return out
-
-    ppo_jax.Checkpointer.maybe_save = dying
-    try:
-        with pytest.raises(Killed):
-            train(cfg, root / "resumed", progress=False)
-    finally:
-        ppo_jax.Checkpointer.maybe_save = save
-    with open(root / "resumed" / "metrics.jsonl", "a") as f:  # the dead run's torn last line
-        f.write('{"step": 72, "episode_ret')
-    assert not (root / "resumed" / "policy").exists()
-    summary = train(cfg, root / "resumed", progress=False)
-    assert summary["resumed"]
-    return cfg, root / "full", root / "resumed"
-
-
-@pytest.mark.slow
-def test_ppo_jax_resume_is_bit_exact(ppo_runs):
-    cfg, full, resumed = ppo_runs
-    a = jax.tree_util.tree_leaves(load_pytree(full / "policy" / "policy.msgpack"))
-    b = jax.tree_util.tree_leaves(load_pytree(resumed / "policy" / "policy.msgpack"))
-    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-    rows_full, rows_res = read_metrics(full / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
-    assert [r["step"] for r in rows_res] == [24, 48, 72, 96]  # each step once, in order
-    assert json.dumps(rows_full) == json.dumps(rows_res)
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["ppo_00000004.json",
-                                                                          "ppo_00000004.msgpack"]
 
 
 def snapshot(d):
