@@ -72,7 +72,7 @@ class QuantConfig:
         and the weight of a layer always see the same s, chosen by the traced weight bits.
     reconstruction: AdaRound learned rounding (output reconstruction per conv / dense layer on FP calibration inputs,
         optax) at the weight bit choices ``recon_bits``, precomputed per choice (:mod:`qpolicy.reconstruct`).
-    recon_bits: weight bit choices that get learned rounding (each a bit choice <= 8).
+    recon_bits: weight bits that get learned rounding (integers in 2..8; those not in bit_choices are dropped).
     recon_iters: Adam iterations per layer and bit choice.
     attn_matmuls: precision of the activation-activation matmuls of attention (scores q·kᵀ, softmax, probs·v): only
         "float" (they are not intercepted; recorded so a schedule says so).
@@ -113,9 +113,9 @@ class QuantConfig:
         put("smooth_min_bits", check("smooth_min_bits", self.smooth_min_bits, kind="int", lo=2, hi=32))
         put("recon_iters", check("recon_iters", self.recon_iters, kind="int", lo=1))
         put("bit_choices", check_choices(self.bit_choices))
-        put("recon_bits", tuple(check("recon_bits", b, kind="choice", choices=tuple(c for c in self.bit_choices
-                                                                                    if c <= 8))
-                                for b in self.recon_bits))
+        # weight bits that get learned rounding: integers in 2..8; those that are not bit choices are dropped
+        put("recon_bits", tuple(b for b in (check("recon_bits", b, kind="int", lo=2, hi=8) for b in self.recon_bits)
+                                if b in self.bit_choices))
         put("attn_matmuls", check("attn_matmuls", self.attn_matmuls, kind="choice", choices=ATTN_MATMULS))
         if self.act_ranges == "static":  # static ranges are calibrated on the unsmoothed inputs
             put("smoothquant", False)

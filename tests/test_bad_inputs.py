@@ -174,7 +174,7 @@ CLI_CASES = [
     ("evaluate-stale-policy", ["evaluate", "--run", f"{R}/stale"], r"made under another config"),
     ("export-stale-policy", ["export", "--run", f"{R}/stale", "--out", f"{R}/x.json"], r"another config"),
     ("export-no-policy", ["export", "--run", f"{R}/nopolicy", "--out", f"{R}/x.json"], r"no trained policy in"),
-    ("export-no-eval", ["export", "--run", RUN, "--out", f"{R}/x.json"], r"learned_mean_schedule.json not found"),
+    ("export-no-eval", ["export", "--run", RUN, "--out", f"{R}/x.json"], r"holds no learned_mean_schedule.json .*run `qpolicy evaluate"),
     ("report-missing", ["report", f"{R}/none", "--out", f"{R}/rep"], r"none"),
     # denoiser training: refused before any work
     ("denoiser-out-under-file", ["denoiser", "train", "--data", "digits", "--preset", "tiny", "--steps", "1",

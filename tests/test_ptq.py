@@ -236,7 +236,7 @@ def test_new_switches_round_trip_and_keep_bits_traced(mlp):
                                       jnp.full(bw.shape, 8, jnp.int32))[0][-1].mean())
     assert eng.errors_fn._cache_size() == 1
     assert errs[2] > errs[4] > errs[8]
-    with pytest.raises(ValueError, match="recon_bits must be one of"):
+    with pytest.raises(ValueError, match="recon_bits must be an integer >= 2 and <= 8"):
         quant_config("ptq", recon_bits=(16,))
     with pytest.raises(ValueError, match="act_clip must be one of"):
         quant_config("ptq", act_clip="kl")
