@@ -218,13 +218,14 @@ def test_ray_sweep_trains_evaluates_and_survives_a_failing_trial(tmp_path):
         d = Path(r["run_dir"])
         assert d.parent == out and d.name == f"digits16_ppo_jax__env.lam={r['params']['env.lam']}__agent_kwargs." \
                                              f"num_minibatches={r['params']['agent_kwargs.num_minibatches']}__seed0"
-        assert load_config(d / "config.yaml").env["lam"] == r["params"]["env.lam"]
         if r["status"] == "ok":
+            assert load_config(d / "config.yaml").env["lam"] == r["params"]["env.lam"]
             assert (d / "policy").is_dir() and (d / "eval" / "evaluation.json").exists()
             assert r["train"]["timesteps"] == 16 and np.isfinite(r["evaluation"]["learned"]["final_error"])
         else:
             assert r["error"].startswith("train: ValueError: num_minibatches (3) must divide")
             assert (d / "error.txt").exists()
+            assert not (d / "config.yaml").exists()  # a config refused before training writes no run files
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["n_trials"] == 4 and saved["n_errors"] == 2 and saved["trials"] == res
     rep = build_report([out], tmp_path / "report", skip_unevaluated=True)
