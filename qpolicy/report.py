@@ -17,8 +17,9 @@ from .io import atomic_write_json, atomic_write_text, read_json
 from .runs import read_config_mapping
 from .stats import across_seeds
 
-#: Config fields that do not change what a run learns: runs differing only in these are seeds of one group.
-NON_GROUPING_FIELDS = ("seed", "name", "wandb")
+#: Config fields that do not change what a run learns: runs differing only in these are seeds of one group
+#: (config.yaml's fingerprint hashes the seed, so it differs between seeds of one group).
+NON_GROUPING_FIELDS = ("seed", "name", "wandb", "fingerprint")
 
 
 # ------------------------------------------------------------------------------------------ reading runs

@@ -117,7 +117,7 @@ def _fake_run(root, name, seed, fe_learned, fe_ilp, *, lam=3.0, comparisons=True
     d = root / name
     (d / "eval").mkdir(parents=True)
     cfg = {"name": run_name, "agent": "ppo_jax", "env": {"model": "digits16", "num_steps": 10, "lam": lam},
-           "seed": seed, "total_timesteps": 16000, "wandb": "offline"}
+           "seed": seed, "total_timesteps": 16000, "wandb": "offline", "fingerprint": f"{name}{seed:016d}"}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     ev = {"run": str(d), "model": "digits16", "steps": 10, "eval_n": 128,
           "policies": [_policy("learned_ppo_jax", "learned", 0.020 + 0.001 * seed, fe_learned),
