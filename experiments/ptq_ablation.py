@@ -49,6 +49,19 @@ pairs = [tuple(int(v) for v in s.split("/")) for s in a.bits.split(",")]
 ext = load_feature_extractor(den.dataset)
 real, m = real_reference(den.dataset, a.n)
 rf = (ext.features(real[:m]), ext.features(real[m:]))
+out = a.out or f"experiments/results/ptq_ablation_{a.model}.json"
+
+
+def save(rows, fd_fp, complete):
+    """Written after every configuration (atomically), so a run cut by a time limit keeps the rows it finished."""
+    atomic_write_json(out, {"model": a.model, "n": a.n, "steps": a.steps, "sampler": "ddim", "fd_fp": fd_fp,
+                            "complete": complete,
+                            "machine": f"{platform.node()} {platform.machine()} {jax.devices()[0].device_kind}",
+                            "command": f"python experiments/ptq_ablation.py --model {a.model} --n {a.n}"
+                                       + (f" --bits {a.bits}" if a.bits != p.get_default("bits") else "")
+                                       + (f" --configs {a.configs}" if a.configs else ""), "rows": rows})
+
+
 rows, fd_fp = [], None
 print("| config | bits | final error [95% CI] | fd | setup s |")
 print("|---|---|---|---|---|")
@@ -68,10 +81,6 @@ for name, fields in configs.items():
                      "bops_rel_fp32": r["bops_rel_fp32"], "setup_s": setup_s, **fields})
         print(f"| {name} | W{w}A{b} | {r['final_error']:.4g} [{ci[0]:.4g}, {ci[1]:.4g}] | {fd:.4g} "
               f"({fd / fd_fp:.2f}x FP) | {setup_s:.1f} |", flush=True)
+    save(rows, fd_fp, complete=False)
 print(f"FP fd: {fd_fp:.4g}")
-out = a.out or f"experiments/results/ptq_ablation_{a.model}.json"
-atomic_write_json(out, {"model": a.model, "n": a.n, "steps": a.steps, "sampler": "ddim", "fd_fp": fd_fp,
-                        "machine": f"{platform.node()} {platform.machine()} {jax.devices()[0].device_kind}",
-                        "command": f"python experiments/ptq_ablation.py --model {a.model} --n {a.n}"
-                                   + (f" --bits {a.bits}" if a.bits != p.get_default("bits") else "")
-                                   + (f" --configs {a.configs}" if a.configs else ""), "rows": rows})
+save(rows, fd_fp, complete=True)

@@ -25,7 +25,8 @@ NON_GROUPING_FIELDS = ("seed", "name", "wandb", "fingerprint")
 # ------------------------------------------------------------------------------------------ reading runs
 def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
     """Run directories from ``paths``: a directory with ``config.yaml`` is a run; one without (a sweep's out_dir, a
-    runs/ folder) stands for its immediate sub-directories that have one. Duplicates are dropped (first kept)."""
+    runs/ folder) stands for its immediate sub-directories that have one, or that hold a failed sweep trial's
+    ``error.txt`` (a trial refused before training writes no config). Duplicates are dropped (first kept)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out: list[Path] = []
@@ -35,7 +36,8 @@ def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
         if (p / "config.yaml").exists():
             found = [p]
         else:
-            found = sorted(d for d in p.iterdir() if d.is_dir() and (d / "config.yaml").exists())
+            found = sorted(d for d in p.iterdir()
+                           if d.is_dir() and ((d / "config.yaml").exists() or (d / "error.txt").exists()))
             if not found:
                 raise FileNotFoundError(f"{p} is not a run directory (no config.yaml) and holds none")
         for d in found:
@@ -52,6 +54,9 @@ def load_run_result(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     cfg_file, ev_file = run_dir / "config.yaml", run_dir / "eval" / "evaluation.json"
     if not cfg_file.exists():
+        if (run_dir / "error.txt").exists():
+            raise FileNotFoundError(f"{run_dir} is a failed trial (its traceback is in {run_dir / 'error.txt'}): "
+                                    f"pass --skip-unevaluated to report the others")
         raise FileNotFoundError(f"{cfg_file} not found: {run_dir} is not a qpolicy run directory")
     if not ev_file.exists():
         raise FileNotFoundError(f"run {run_dir} has no evaluation ({ev_file} not found): run "
@@ -363,7 +368,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, level: 
 
     runs, skipped = [], []
     for d in expand_runs(run_dirs):
-        if skip_unevaluated and (d / "config.yaml").exists() and not (d / "eval" / "evaluation.json").exists():
+        if skip_unevaluated and not (d / "eval" / "evaluation.json").exists():
             skipped.append(str(d))
             continue
         runs.append(load_run_result(d))
