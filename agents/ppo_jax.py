@@ -57,6 +57,8 @@ META_FILE = "policy.json"
 INFO_METRICS = {"error": "final_error", "cost": "cost", "traj_error": "traj_error",
                 "bits_w_mean": "bits_w_mean", "bits_a_mean": "bits_a_mean", "fd_proxy": "fd_proxy"}
 LOSS_METRICS = ("total_loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac")
+#: bounds of the Lagrangian dual variable (cost_target): a target no policy can reach saturates here, visibly
+LAM_MIN, LAM_MAX = 1e-6, 1e6
 
 
 
@@ -82,6 +84,13 @@ class PPOConfig:
     hidden: MLP widths of the actor and critic torsos (separate networks, tanh).
     seed: base seed.
     num_seeds: independent seeds trained together (vmapped) from jax.random.split(key(seed), num_seeds).
+    cost_target: None (the env's cost weight lam stays fixed) or the target of the *mean* episode cost over the
+        rollout batch (env info "cost", BOPs / FP32 BOPs of the trajectory; 0.0625 = uniform W8A8): a Lagrangian
+        PPO whose dual variable lam (the env's cost weight, carried per seed) follows
+        log lam += dual_lr * (mean cost / cost_target - 1) after every update, so the policy may spend more bits on
+        inputs where they buy more error, as long as the batch mean meets the target. Needs env params with a
+        ``lam`` field (the quantized-diffusion envs; reward "delta" or "terminal").
+    dual_lr: step of log lam per update, per unit of relative constraint violation (cost_target only).
     """
 
     num_envs: int = 16
@@ -100,6 +109,8 @@ class PPOConfig:
     hidden: tuple[int, ...] = (128, 128)
     seed: int = 0
     num_seeds: int = 1
+    cost_target: float | None = None
+    dual_lr: float = 0.1
 
     def __post_init__(self) -> None:
         put = lambda name, **rule: object.__setattr__(self, name, check(name, getattr(self, name), **rule))
@@ -107,8 +118,10 @@ class PPOConfig:
             put(name, kind="int", lo=1)
         put("seed", kind="int", lo=0)
         put("anneal_lr", kind="bool")
-        for name in ("lr", "clip_eps"):
+        for name in ("lr", "clip_eps", "dual_lr"):
             put(name, kind="real", lo=0, lo_open=True)
+        if self.cost_target is not None:
+            put("cost_target", kind="real", lo=0, lo_open=True)
         for name in ("gamma", "gae_lambda"):
             put(name, kind="real", lo=0, hi=1)
         for name in ("ent_coef", "vf_coef"):
@@ -281,6 +294,7 @@ class RunnerState:
     ep_return: jax.Array
     rng: jax.Array
     update: jax.Array
+    lam: jax.Array  # the env's cost weight this seed trains under (moved by the dual update with cost_target)
 
 
 @flax.struct.dataclass
@@ -306,6 +320,9 @@ class PPOTrainer:
         if not isinstance(cfg, PPOConfig):
             raise ValueError(f"cfg must be a PPOConfig, got {type(cfg).__name__}")
         self.core, self.env_params, self.cfg = core, env_params, cfg
+        if cfg.cost_target is not None and env_params is not None and not hasattr(env_params, "lam"):
+            raise ValueError(f"cost_target needs env params with a cost weight 'lam' (the quantized-diffusion envs); "
+                             f"{type(env_params).__name__} has none")
         self.nvec, self.scalar_action = _action_spec(core)
         self.obs_size = _obs_size(core)
         self.network = ActorCritic(nvec=self.nvec, hidden=cfg.hidden)
@@ -333,7 +350,8 @@ class PPOTrainer:
         obs, env_state = self.core.reset_batch(k_env, env_params, self.cfg.num_envs)
         return RunnerState(params=params, opt_state=self.tx.init(params), env_state=env_state,
                            obs=obs.astype(jnp.float32), ep_return=jnp.zeros((self.cfg.num_envs,), jnp.float32),
-                           rng=rng, update=jnp.zeros((), jnp.int32))
+                           rng=rng, update=jnp.zeros((), jnp.int32),
+                           lam=jnp.asarray(getattr(env_params, "lam", 0.0), jnp.float32))
 
     def _loss(self, params, batch: Transition, advantages, targets):
         cfg = self.cfg
@@ -356,6 +374,8 @@ class PPOTrainer:
     def update(self, runner: RunnerState, env_params: Any) -> tuple[RunnerState, dict]:
         self.trace_counts["update"] += 1
         cfg = self.cfg
+        if cfg.cost_target is not None:  # Lagrangian: the env's cost weight is this seed's dual variable
+            env_params = env_params.replace(lam=runner.lam)
 
         def env_step(carry, _):
             r = carry
@@ -420,7 +440,15 @@ class PPOTrainer:
         metrics.update({k: aux[k].mean() for k in LOSS_METRICS})
         metrics["lr"] = jnp.asarray(self.lr_schedule(runner.update * cfg.update_epochs * cfg.num_minibatches),
                                     jnp.float32)
-        runner = runner.replace(params=params, opt_state=opt_state, rng=rng, update=runner.update + 1)
+        lam = runner.lam
+        if "cost" in ep_info:  # the spread of the finished episodes' costs (what a batch budget lets vary)
+            var = (((ep_info["cost"] - metrics["cost"]) ** 2) * done).sum() / jnp.maximum(n_done, 1.0)
+            metrics["cost_std"] = jnp.where(n_done > 0, jnp.sqrt(var), jnp.nan)
+            if cfg.cost_target is not None:
+                metrics["lam"] = runner.lam
+                step = cfg.dual_lr * (metrics["cost"] / cfg.cost_target - 1.0)
+                lam = jnp.where(n_done > 0, jnp.clip(runner.lam * jnp.exp(step), LAM_MIN, LAM_MAX), runner.lam)
+        runner = runner.replace(params=params, opt_state=opt_state, rng=rng, update=runner.update + 1, lam=lam)
         return runner, metrics
 
     def run(self, runner: RunnerState, env_params: Any, num_updates: int) -> tuple[RunnerState, dict]:

@@ -335,6 +335,10 @@ def cmd_demo(a) -> int:
     lo, hi = learned["final_error_ci"]
     print(f"learned policy: BOPs/FP32 {learned['bops_rel_fp32']:.4f}, final error {learned['final_error']:.4g} "
           f"[{lo:.4g}, {hi:.4g}] on {res['eval_n']} eval images (seed {res['eval_seed']})")
+    spread = learned.get("bops_rel_fp32_spread")
+    if spread:
+        print(f"its cost across inputs: std {spread['std']:.4f}, {spread['min']:.4f} .. {spread['max']:.4f} "
+              f"over {spread['groups']} input groups")
     print("\n".join(summary_lines(res)))
     for k, v in res["files"].items():
         print(f"{k:>10}: {v}")

@@ -159,6 +159,10 @@ def score_learned(s: Setup) -> tuple[Record, np.ndarray, np.ndarray, np.ndarray]
     cm = eng.cost_model()
     sums = [cm.summary(bw_g[g], ba_g[g]) for g in range(idx.shape[0])]
     row = {k: float(np.mean([x[k] for x in sums])) for k in sums[0]}
+    # an input-dependent policy's cost varies by input (by design under a batch-mean budget): its spread
+    group_cost = np.asarray([x["bops_rel_fp32"] for x in sums])
+    row["bops_rel_fp32_spread"] = {"std": float(group_cost.std()), "min": float(group_cost.min()),
+                                   "max": float(group_cost.max()), "groups": int(group_cost.size)}
     row.update(name=f"learned_{s.cfg.agent}", kind="learned", traj_error=float(e.mean()),
                final_error=float(e[-1].mean()), per_step_error=e.mean(1).tolist(), n=int(e.shape[1]),
                input_dependent=True, **learned_compute(s))

@@ -115,7 +115,11 @@ def validate(cfg: RunConfig) -> None:
     """Everything a run needs checked before anything is written: the agent's keywords (PPOConfig for ppo_jax,
     SB3's numeric keywords) and the env's model (found, readable)."""
     if cfg.agent == "ppo_jax":
-        _ppo_config(cfg)
+        ppo = _ppo_config(cfg)
+        if ppo.cost_target is not None and cfg.env.get("reward") == "budget":
+            raise ValueError("agent_kwargs.cost_target (a Lagrangian target on the batch-mean cost) and env.reward "
+                             "'budget' (a per-input cost penalty) both constrain the cost: use env.reward 'delta' or "
+                             "'terminal' with cost_target, or 'budget' without it")
     else:
         from qpolicy.agents.sb3 import check_sb3_kwargs
 

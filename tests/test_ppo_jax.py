@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,7 +138,7 @@ def test_discrete_core_gets_scalar_actions():
     ("num_envs", 0), ("num_steps", -1), ("total_timesteps", 2.5), ("update_epochs", 0), ("num_seeds", 0),
     ("lr", 0.0), ("lr", float("nan")), ("gamma", 1.5), ("gae_lambda", -0.1), ("clip_eps", 0), ("ent_coef", -1),
     ("vf_coef", "x"), ("max_grad_norm", 0), ("hidden", ()), ("hidden", (64, 0)), ("seed", -1),
-    ("anneal_lr", 1), ("num_minibatches", 3),
+    ("anneal_lr", 1), ("num_minibatches", 3), ("cost_target", -0.1), ("dual_lr", 0),
 ])
 def test_bad_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -179,3 +180,65 @@ def test_checkpointed_run_resumes_bit_exactly(tmp_path, num_seeds):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for k, v in res.metrics.items():
         np.testing.assert_array_equal(v, full.metrics[k][:, 4:])
+
+
+# ---------------------------------------------------------------------------------------------- Lagrangian
+@flax.struct.dataclass
+class LamParams:
+    lam: jax.Array
+
+
+class EasyHardCore(FunctionalEnv):
+    """One decision per episode on an easy or a hard input (observed one-hot, 50/50): bits index a in 0..3 at cost a,
+    error (3 - a) * (0.01 easy, 1.0 hard), reward -(error + lam * cost). Under a *batch-mean* cost target of 1.5 the
+    optimum spends everything on the hard inputs (easy -> 0, hard -> 3: mean cost 1.5, mean error 0.015); it is the
+    unconstrained optimum for any lam in (0.01, 1)."""
+
+    obs_size = 2
+    episode_length = 1
+
+    def action_space(self, params=None):
+        return MultiDiscrete((4,))
+
+    def observation_space(self, params=None):
+        return Box(0.0, 1.0, (self.obs_size,))
+
+    def reset(self, key, params):
+        hard = jax.random.bernoulli(key).astype(jnp.int32)
+        return jax.nn.one_hot(hard, 2), hard
+
+    def step_env(self, key, state, action, params):
+        a = action[0].astype(jnp.float32)
+        err = (3.0 - a) * jnp.where(state == 1, 1.0, 0.01)
+        obs, new = self.reset(key, params)
+        return (obs, new, -(err + params.lam * a), jnp.ones((), bool), jnp.zeros((), bool),
+                {"cost": a, "error": err})
+
+
+LAG_CFG = PPOConfig(num_envs=32, num_steps=4, total_timesteps=32 * 4 * 80, lr=1e-3, ent_coef=0.01, hidden=(16,),
+                    num_seeds=2, cost_target=1.5, dual_lr=0.5)
+
+
+def test_lagrangian_meets_a_batch_mean_cost_target_by_spending_bits_on_hard_inputs():
+    """Starting from lam = 3 (every input at 0 bits, cost 0), the dual variable falls until the batch-mean cost
+    meets the target, and the policy reaches the constrained optimum: 0 on easy inputs, 3 on hard ones. With lam
+    fixed at 3 (no cost_target) the same run stays at cost 0."""
+    core, p0 = EasyHardCore(), LamParams(lam=jnp.asarray(3.0))
+    res = train(core, LAG_CFG, env_params=p0, progress=False, num_chunks=4)
+    act = policy_fn(LAG_CFG, core)
+    for s in range(LAG_CFG.num_seeds):
+        a = act(res.seed_params(s), jnp.eye(2), jax.random.key(0), True)
+        np.testing.assert_array_equal(np.asarray(a)[:, 0], [0, 3])  # easy, hard
+    m = res.metrics
+    assert np.all(np.abs(m["cost"][:, -10:].mean(1) - 1.5) < 0.2)
+    assert np.all((m["lam"][:, -1] > 0.01) & (m["lam"][:, -1] < 1.0))
+    assert np.all(m["lam"][:, 0] == 3.0) and np.all(m["cost_std"][:, -10:].mean(1) > 1.0)  # costs differ by input
+    fixed = train(core, LAG_CFG.replace(cost_target=None), env_params=p0, progress=False, num_chunks=4)
+    assert np.all(fixed.metrics["cost"][:, -10:].mean(1) < 0.2) and "lam" not in fixed.metrics
+
+
+def test_lagrangian_refuses_env_params_without_lam():
+    with pytest.raises(ValueError, match="cost_target needs env params with a cost weight 'lam'"):
+        make_train(BanditCore(), (), LAG_CFG)
+    with pytest.raises(ValueError, match="cost_target"):
+        PPOConfig(cost_target=0.0)
