@@ -91,6 +91,11 @@ class PPOConfig:
         inputs where they buy more error, as long as the batch mean meets the target. Needs env params with a
         ``lam`` field (the quantized-diffusion envs; reward "delta" or "terminal").
     dual_lr: step of log lam per update, per unit of relative constraint violation (cost_target only).
+    warm_start: None, "ilp" (the sensitivity ILP on the train bank at cost_target, else env.budget) or a schedule
+        file: the actor starts by playing that static schedule (behaviour cloning, :mod:`qpolicy.agents.warm_start`;
+        applied by ``qpolicy train``, its search compute charged to the learned policy).
+    warm_start_epochs: full-batch Adam steps of the behaviour cloning.
+    warm_start_smoothing: label smoothing of the cloning targets (keeps PPO exploring around the schedule).
     """
 
     num_envs: int = 16
@@ -111,6 +116,9 @@ class PPOConfig:
     num_seeds: int = 1
     cost_target: float | None = None
     dual_lr: float = 0.1
+    warm_start: str | None = None
+    warm_start_epochs: int = 300
+    warm_start_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
         put = lambda name, **rule: object.__setattr__(self, name, check(name, getattr(self, name), **rule))
@@ -122,6 +130,10 @@ class PPOConfig:
             put(name, kind="real", lo=0, lo_open=True)
         if self.cost_target is not None:
             put("cost_target", kind="real", lo=0, lo_open=True)
+        put("warm_start_epochs", kind="int", lo=1)
+        put("warm_start_smoothing", kind="real", lo=0, hi=1, hi_open=True)
+        if self.warm_start is not None and (not isinstance(self.warm_start, str) or not self.warm_start):
+            raise ValueError(f"warm_start must be None, 'ilp' or a schedule file path, got {self.warm_start!r}")
         for name in ("gamma", "gae_lambda"):
             put(name, kind="real", lo=0, hi=1)
         for name in ("ent_coef", "vf_coef"):
@@ -343,10 +355,13 @@ class PPOTrainer:
         a = actions[..., 0] if self.scalar_action else actions
         return self.core.step_batch(key, states, a, env_params)[:6]
 
-    def init(self, key: jax.Array, env_params: Any = None) -> RunnerState:
+    def init(self, key: jax.Array, env_params: Any = None, params: Any = None) -> RunnerState:
+        """The runner before the first update; ``params``: the agent's starting params (e.g. a warm start),
+        else a fresh initialisation."""
         env_params = self.env_params if env_params is None else env_params
         k_net, k_env, rng = jax.random.split(key, 3)
-        params = self.network.init(k_net, jnp.zeros((self.obs_size,), jnp.float32))
+        if params is None:
+            params = self.network.init(k_net, jnp.zeros((self.obs_size,), jnp.float32))
         obs, env_state = self.core.reset_batch(k_env, env_params, self.cfg.num_envs)
         return RunnerState(params=params, opt_state=self.tx.init(params), env_state=env_state,
                            obs=obs.astype(jnp.float32), ep_return=jnp.zeros((self.cfg.num_envs,), jnp.float32),
@@ -569,14 +584,15 @@ class Checkpointer:
 
 def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool = True,
           num_chunks: int = 20, checkpoint: Checkpointer | None = None,
-          on_chunk: Callable[[dict, int], None] | None = None) -> PPOResult:
+          on_chunk: Callable[[dict, int], None] | None = None, init_params: Any = None) -> PPOResult:
     """Train ``cfg.num_seeds`` seeds (vmapped) on ``core``; returns a :class:`PPOResult`.
 
     The run is split into equal chunks of updates (about ``num_chunks``; each chunk a jitted, vmapped
     ``lax.scan`` of the update, compiled once ahead of time) so a tqdm bar can report progress and env steps/s.
     env_params defaults to ``core.default_params``. ``checkpoint`` resumes from its latest checkpoint and saves
     periodically (a resumed result's metrics cover the updates run after the checkpoint);
-    ``on_chunk(metrics {name: (num_seeds, chunk)}, first_update)`` is called after every chunk."""
+    ``on_chunk(metrics {name: (num_seeds, chunk)}, first_update)`` is called after every chunk. ``init_params``:
+    every seed's starting agent params (a warm start, :mod:`qpolicy.agents.warm_start`); a checkpoint wins."""
     if not isinstance(cfg, PPOConfig):
         raise ValueError(f"cfg must be a PPOConfig, got {type(cfg).__name__}")
     if not is_int(num_chunks) or num_chunks < 1:
@@ -595,12 +611,12 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
         # added around the unbatched calls so results keep the (num_seeds, ...) layout.
         add = lambda t: jax.tree_util.tree_map(lambda x: x[None], t)
         drop = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)
-        init = jax.jit(lambda k, p: add(trainer.init(k[0], p)))
+        init = jax.jit(lambda k, p, a: add(trainer.init(k[0], p, a)))
         run = jax.jit(lambda r, p: add(trainer.run(drop(r), p, chunk)), donate_argnums=0)
     else:
-        init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
+        init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None, None)))
         run = jax.jit(jax.vmap(lambda r, p: trainer.run(r, p, chunk), in_axes=(0, None)), donate_argnums=0)
-    runner = init(keys, env_params)
+    runner = init(keys, env_params, init_params)
     start = 0
     if checkpoint is not None:
         runner, start = checkpoint.restore(runner)

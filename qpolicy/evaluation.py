@@ -142,9 +142,11 @@ def learned_compute(s: Setup) -> dict[str, Any]:
     f = s.run_dir / TRAIN_SUMMARY
     if f.exists():
         summ = read_json(f, what="train summary")
+        warm = summ.get("warm_start") or {}  # the search a warm start began from is part of the policy's cost
         out.update(search_seconds=summ.get("wall_s"), search_device=summ.get("device"),
                    search_forwards=int(summ.get("timesteps", s.cfg.total_timesteps)
-                                       // (s.core.L if s.cfg.layerwise else 1) * env.images_per_env))
+                                       // (s.core.L if s.cfg.layerwise else 1) * env.images_per_env)
+                   + int(warm.get("forwards", 0)))
     return out
 
 

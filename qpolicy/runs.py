@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from .config import check
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, read_json
 from .rundir import check_fingerprint, check_writable_target, config_diff, fingerprint, locked
 from .tracking import WANDB_MODES, Tracker
 
@@ -116,6 +116,8 @@ def validate(cfg: RunConfig) -> None:
     SB3's numeric keywords) and the env's model (found, readable)."""
     if cfg.agent == "ppo_jax":
         ppo = _ppo_config(cfg)
+        if ppo.warm_start not in (None, "ilp") and not Path(ppo.warm_start).is_file():
+            raise ValueError(f"agent_kwargs.warm_start: {ppo.warm_start!r} is neither 'ilp' nor a schedule file")
         if ppo.cost_target is not None and cfg.env.get("reward") == "budget":
             raise ValueError("agent_kwargs.cost_target (a Lagrangian target on the batch-mean cost) and env.reward "
                              "'budget' (a per-input cost penalty) both constrain the cost: use env.reward 'delta' or "
@@ -126,7 +128,6 @@ def validate(cfg: RunConfig) -> None:
         check_sb3_kwargs(cfg)
     from .config import check_memory
     from .denoiser import resolve_model_dir
-    from .io import read_json
     from qpolicy.envs import EnvConfig
 
     env = EnvConfig(**cfg.env)
@@ -280,16 +281,47 @@ def _train_ppo_jax(cfg: RunConfig, run_dir: Path, *, progress: bool, t0: float) 
         for u in range(np.shape(next(iter(m.values())))[1]):
             tracker.log({k: float(np.asarray(v)[0, u]) for k, v in m.items()}, (first + u + 1) * pcfg.batch_size)
 
+    warm, init_params = _warm_start(cfg, pcfg, core, run_dir, resuming=latest is not None, progress=progress)
     try:
-        res = ppo_jax.train(core, pcfg, progress=progress, checkpoint=ckpt, on_chunk=log)
+        res = ppo_jax.train(core, pcfg, progress=progress, checkpoint=ckpt, on_chunk=log, init_params=init_params)
     finally:
         tracker.close()
     params = res.seed_params(0)  # the first seed is the run's policy
     ppo_jax.save_policy(run_dir / "policy", params, pcfg, {**ppo_jax.core_meta(core), "layerwise": cfg.layerwise,
                                                            FINGERPRINT_KEY: cfg.fingerprint()})
-    return {"run_dir": str(run_dir), "agent": "ppo_jax",
-            "timesteps": pcfg.num_updates * pcfg.num_envs * pcfg.num_steps,
-            "wall_s": time.time() - t0, "env_steps_per_s": res.env_steps_per_s, "resumed": resume_at is not None}
+    out = {"run_dir": str(run_dir), "agent": "ppo_jax", "timesteps": pcfg.num_updates * pcfg.num_envs * pcfg.num_steps,
+           "wall_s": time.time() - t0, "env_steps_per_s": res.env_steps_per_s, "resumed": resume_at is not None}
+    if warm is not None:
+        out["warm_start"] = warm
+    return out
+
+
+#: the warm start's record in a run directory (kept for the summary of a resumed run)
+WARM_START_FILE = "warm_start.json"
+
+
+def _warm_start(cfg: RunConfig, pcfg: Any, core: Any, run_dir: Path, *, resuming: bool, progress: bool
+                ) -> tuple[dict | None, Any]:
+    """(record, starting params) of ``agent_kwargs.warm_start``: the static schedule (the ILP at cost_target, else
+    env.budget; or a file) cloned into the actor. A resumed run starts from its checkpoint: only the record is
+    read back."""
+    if pcfg.warm_start is None:
+        return None, None
+    f = run_dir / WARM_START_FILE
+    if resuming and f.exists():
+        return read_json(f, what="warm start record"), None
+    from qpolicy.agents.warm_start import clone_schedule, static_schedule
+    from qpolicy.envs import EnvConfig
+
+    budget = pcfg.cost_target if pcfg.cost_target is not None else EnvConfig(**cfg.env).budget
+    src = static_schedule(pcfg.warm_start, core.engine, budget, progress=progress)
+    params, fit = clone_schedule(core, core.default_params, src.bits_w, src.bits_a, pcfg, jax.random.key(pcfg.seed))
+    cm = core.engine.cost_model().summary(src.bits_w, src.bits_a)
+    rec = {"source": src.source, "budget": float(budget), "forwards": src.forwards, "seconds": src.seconds,
+           "bops_rel_fp32": cm["bops_rel_fp32"], "bits_w": np.asarray(src.bits_w).tolist(),
+           "bits_a": np.asarray(src.bits_a).tolist(), "cloning": fit}
+    atomic_write_json(f, rec)
+    return rec, params
 
 
 # ------------------------------------------------------------------------------------------ loading and export
@@ -314,7 +346,6 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Callable]:
 def policy_fingerprint(run_dir: Path, cfg: RunConfig) -> str | None:
     """The config fingerprint the run's trained policy carries (None for a policy written before fingerprints);
     FileNotFoundError when the run has no policy."""
-    from .io import read_json
 
     if cfg.agent == "ppo_jax":
         f = run_dir / "policy" / "policy.json"
