@@ -380,10 +380,11 @@ def _export_files(run_dir: Path, cfg: RunConfig, sched: Any, fmt: str, out: str 
             raise FileNotFoundError(f"{run_dir} has no JAX-PPO policy folder (policy/policy.json); format "
                                     "'policy_onnx' converts JAX-PPO policies only (SB3 policy.zip is not converted)")
         out = Path(out)
-        paths = export_policy_onnx(run_dir / "policy", out)
-        paths.append(sched.save(out / "mean_schedule.json"))
-        net = {"onnx": POLICY_ONNX, "observation": {"file": OBS_RECIPE}, "static_fallback": "mean_schedule.json"}
-        return paths + export(sched, out / "config.json", "step_policy_v2", policy_network=net)
+        with locked(out, what="export --out folder"):  # one writer at a time, as the other folder formats
+            paths = export_policy_onnx(run_dir / "policy", out)
+            paths.append(sched.save(out / "mean_schedule.json"))
+            net = {"onnx": POLICY_ONNX, "observation": {"file": OBS_RECIPE}, "static_fallback": "mean_schedule.json"}
+            return paths + export(sched, out / "config.json", "step_policy_v2", policy_network=net)
     paths = export(sched, out, fmt)
     if fmt == "json":  # the input-dependent policy's network travels next to its static fallback
         import shutil

@@ -220,6 +220,10 @@ CLI_CASES = [
     # concurrency
     ("train-locked", ["train", "--config", f"{R}/cfg.yaml", "--run-dir", "{held}"],
      r"run directory .*held is in use by pid {pid} on "),
+    ("export-locked", ["export", "--run", f"{R}/evaluated", "--format", "onnxruntime", "--out", "{held}"],
+     r"export --out folder .*held is in use by pid {pid} on "),
+    ("deploy-locked", ["deploy", "onnx", "--schedule", f"{R}/evaluated/learned_mean_schedule.json", "--model", CK,
+                       "--out", "{held}"], r"deploy --out folder .*held is in use by pid {pid} on "),
 ]
 
 

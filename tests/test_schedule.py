@@ -14,6 +14,7 @@ import yaml
 from conftest import require
 from qpolicy.export import FORMATS, SEGMENT_FORMATS, export, export_segments, to_csv
 from qpolicy.layers import LayerInfo, layer_hash
+from qpolicy.rundir import LOCK_FILE
 from qpolicy.schedule import (
     FORMAT,
     SCHEMA_PATH,
@@ -395,7 +396,7 @@ def test_export_dispatch_and_stale_cleanup(tmp_path):
     with pytest.raises(ValueError, match="writes several files: give a folder"):
         export(s, out / "notes.txt", "modelopt")
     paths = export(BitSchedule.uniform(fake_den(), fake_sampler(), 8, 8), out, "qwix")
-    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in paths] + ["notes.txt"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in paths] + ["notes.txt", LOCK_FILE])
 
 
 # --------------------------------------------------------------------------- #
