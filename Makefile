@@ -23,10 +23,11 @@ test: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest --durations=15
 
 # the slow integration tests (Ray Tune sweep, integer execution of a shipped model, searches at full size, export
-# targets loaded by the real tools); installs the sweep and export extras into .venv first
+# targets loaded by the real tools); installs the sweep and export extras into .venv first; QPOLICY_REQUIRE_EXPORT=1
+# makes a test whose tool is missing fail instead of skip
 test-all: $(STAMP)
 	$(BIN)/pip install -q -e ".[test,sweep,export]"
-	WANDB_MODE=offline $(BIN)/python -m pytest -m slow
+	QPOLICY_REQUIRE_EXPORT=1 WANDB_MODE=offline $(BIN)/python -m pytest -m slow
 
 clean:
 	rm -rf out .pytest_cache

@@ -145,8 +145,9 @@ class PPOConfig:
             raise ValueError(f"hidden must be a non-empty sequence of integers >= 1 (e.g. (128, 128)), got {hidden!r}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
         if self.batch_size % self.num_minibatches:
+            divisors = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
             raise ValueError(f"num_minibatches ({self.num_minibatches}) must divide the rollout batch "
-                             f"num_envs * num_steps = {self.batch_size}")
+                             f"num_envs * num_steps = {self.batch_size}; accepted: {divisors}")
         if self.total_timesteps < self.batch_size:
             raise ValueError(f"total_timesteps ({self.total_timesteps}) must be >= num_envs * num_steps "
                              f"= {self.batch_size} (one update)")

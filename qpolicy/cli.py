@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "simulation share")
     do.add_argument("--out", default=None, help="folder for the models and manifest.json "
                                                 "(default out/deploy_onnx/<schedule stem>)")
-    do.add_argument("--json", action="store_true")
+    do.add_argument("--json", action="store_true", help="print the result (errors, timings, segments, applied bits) "
+                                                        "as JSON")
     do.set_defaults(fn=cmd_deploy_onnx)
 
     c = sub.add_parser("calibrate", help="store static activation ranges with a model (its checkpoint folder)")

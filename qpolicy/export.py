@@ -12,7 +12,8 @@ per segment (a maximal run of steps with identical
   per-layer bits) plus ``manifest.json`` that says which file to use at which steps; a sampler
   switches configs at each segment's start step. Segment files are written first and the
   manifest last; files a previous manifest in the same folder listed and this export no longer
-  writes are removed (nothing else is touched).
+  writes are removed (nothing else is touched). A folder export holds the folder's lock
+  (:func:`qpolicy.rundir.locked`, ``.qpolicy.lock``): a second writer to the same folder is refused.
 
 Layer names: ViDiT-Q, ModelOpt, onnxruntime and the step policies get the torch/ONNX-style dotted alias
 (``schedule.alias(l)``, e.g. ``down_0.block_1.conv_0``); Qwix gets the Flax module path regex.
@@ -30,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .io import atomic_write_json, atomic_write_text
+from .rundir import locked
 from .schedule import SCHEMA_VERSION, BitSchedule
 
 FP_BITS = 32
@@ -319,8 +321,9 @@ def export(schedule: BitSchedule, out: str | os.PathLike, fmt: str, *, den: Any 
     if out.is_file() or (out.suffix and not out.is_dir()):
         raise ValueError(f"export --out {out}: format {fmt!r} writes a folder (one file per segment and a manifest); "
                          "give a folder path, e.g. without a file suffix")
-    if fmt == "vidit":
-        from .vidit import export_vidit
+    with locked(out, what="export --out folder"):  # one writer at a time (a second one is refused, naming the first)
+        if fmt == "vidit":
+            from .vidit import export_vidit
 
-        return export_vidit(schedule, out)
-    return export_segments(schedule, out, fmt)
+            return export_vidit(schedule, out)
+        return export_segments(schedule, out, fmt)

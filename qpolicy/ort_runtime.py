@@ -285,7 +285,10 @@ def deploy(den: Denoiser, schedule: BitSchedule, out_dir: str | Path, *, n: int 
     fp_onnx_error (FP ONNX vs JAX FP), seconds (best of ``repeats``, denoiser calls only) for the FP and the
     quantized ORT runs, the runtime segments, the rounding list and the per-segment applied-bits check.
     """
-    dep = build(den, schedule, out_dir, batch=n, calib_n=calib_n)
+    from .rundir import locked
+
+    with locked(out_dir, what="deploy --out folder"):  # one writer at a time, as run directories
+        dep = build(den, schedule, out_dir, batch=n, calib_n=calib_n)
     eng = dep.engine
     keys = image_keys(seed, n)
     ts = schedule.timesteps

@@ -32,7 +32,8 @@ def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
-            raise FileNotFoundError(f"run directory not found: {p}")
+            raise FileNotFoundError(f"run directory not found: {p}; accepted: a run directory (with config.yaml) "
+                                    "or a folder of them (seeds, a sweep)")
         if (p / "config.yaml").exists():
             found = [p]
         else:

@@ -380,7 +380,6 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
     """Export the run's schedule (the learned policy's mean schedule over the eval bank) in ``fmt``;
     the policy network itself stays in the run directory (policy.zip / policy.msgpack) and is copied
     next to a JSON export."""
-    from qpolicy.export import export
     from qpolicy.schedule import BitSchedule
 
     run_dir = Path(run_dir)
@@ -388,6 +387,23 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
     check_fingerprint(policy_fingerprint(run_dir, cfg), cfg.fingerprint(), what="the policy", where=run_dir)
     check_writable_target(out, what="export --out")
     sched = BitSchedule.load(run_schedule_path(run_dir))
+    try:
+        return _export_files(run_dir, cfg, sched, fmt, out)
+    except OSError as e:  # a target the checks above could not foresee (/proc/x, a full disk): name the flag
+        if e.filename is None or not _is_target(e.filename, out):
+            raise
+        raise OSError(f"export --out {out} cannot be written: {e.strerror or e} ({e.filename})") from e
+
+
+def _is_target(path: str | Path, out: str | Path) -> bool:
+    """``path`` is ``out``, inside it, one of its parents or a sibling (an atomic write's temp file)."""
+    p, o = Path(path).absolute(), Path(out).absolute()
+    return p == o or o in p.parents or p in o.parents or p.parent == o.parent
+
+
+def _export_files(run_dir: Path, cfg: RunConfig, sched: Any, fmt: str, out: str | Path) -> list[Path]:
+    from qpolicy.export import export
+
     if fmt == "policy_onnx":  # the network + observation recipe, the mean schedule, a v2 step policy naming both
         from qpolicy.policy_export import OBS_RECIPE, POLICY_ONNX, export_policy_onnx
 
@@ -395,10 +411,11 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
             raise FileNotFoundError(f"{run_dir} has no JAX-PPO policy folder (policy/policy.json); format "
                                     "'policy_onnx' converts JAX-PPO policies only (SB3 policy.zip is not converted)")
         out = Path(out)
-        paths = export_policy_onnx(run_dir / "policy", out)
-        paths.append(sched.save(out / "mean_schedule.json"))
-        net = {"onnx": POLICY_ONNX, "observation": {"file": OBS_RECIPE}, "static_fallback": "mean_schedule.json"}
-        return paths + export(sched, out / "config.json", "step_policy_v2", policy_network=net)
+        with locked(out, what="export --out folder"):  # one writer at a time, as the other folder formats
+            paths = export_policy_onnx(run_dir / "policy", out)
+            paths.append(sched.save(out / "mean_schedule.json"))
+            net = {"onnx": POLICY_ONNX, "observation": {"file": OBS_RECIPE}, "static_fallback": "mean_schedule.json"}
+            return paths + export(sched, out / "config.json", "step_policy_v2", policy_network=net)
     paths = export(sched, out, fmt)
     if fmt == "json":  # the input-dependent policy's network travels next to its static fallback
         import shutil

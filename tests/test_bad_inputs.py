@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -22,8 +23,8 @@ from qpolicy.rundir import LOCK_FILE
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_denoiser):
-    """A tiny checkpoint, a YAML run config, a run directory (JAX PPO record, evaluated), a regular file, a bad
-    YAML and a folder held by another process's lock."""
+    """A tiny checkpoint, a YAML run config, a run directory (JAX PPO record, evaluated), one with a schedule to
+    export, a regular file, a bad YAML and a folder held by another process's lock."""
     root = tmp_path_factory.mktemp("world")
     ck = save_checkpoint(root / "tiny", module=tiny_denoiser.module, params=tiny_denoiser.params,
                          schedule=tiny_denoiser.schedule, dataset="digits", image_shape=(8, 8, 1), train={})
@@ -53,6 +54,13 @@ def world(tmp_path_factory, tiny_denoiser):
     (stale / "config.yaml").write_text((run / "config.yaml").read_text())
     (stale / "policy" / "policy.json").write_text(json.dumps({"format": "qpolicy.ppo_jax", "version": 1,
                                                               "config": {}, "meta": {"fingerprint": "0" * 16}}))
+    evaluated = root / "evaluated"  # run's config and policy, and a schedule of the tiny model
+    shutil.copytree(run, evaluated)
+    from qpolicy.diffusion import make_sampler
+    from qpolicy.schedule import BitSchedule
+
+    BitSchedule.for_denoiser(tiny_denoiser, make_sampler(tiny_denoiser.schedule, "ddim", 2), 8).save(
+        evaluated / "learned_mean_schedule.json")
     nopol = root / "nopolicy"
     nopol.mkdir()
     (nopol / "config.yaml").write_text((run / "config.yaml").read_text())
@@ -93,15 +101,19 @@ CLI_CASES = [
     ("quantize-n-expression", Q + ["--n", "2**40"], r"argument --n: must be an integer >= 1, got '2\*\*40'"),
     ("quantize-sampler", Q + ["--sampler", "euler"], r"argument --sampler: invalid choice: 'euler'"),
     ("calibrate-n-0", ["calibrate", "--model", CK, "--n", "0"], r"argument --n: must be an integer >= 1"),
-    ("calibrate-buckets-0", ["calibrate", "--model", CK, "--buckets", "0"], r"argument --buckets: must be an int"),
+    ("calibrate-buckets-0", ["calibrate", "--model", CK, "--buckets", "0"],
+     r"argument --buckets: must be an integer >= 1, got '0'"),
     ("calibrate-steps-0", ["calibrate", "--model", CK, "--steps", "0"], r"argument --steps: must be an integer"),
     ("fidelity-n-0", ["fidelity", "--model", CK, "--n", "0"], r"argument --n: must be an integer >= 1"),
-    ("sample-n-0", ["denoiser", "sample", "--model", CK, "--n", "0", "--out", f"{R}/g.png"], r"argument --n"),
+    ("sample-n-0", ["denoiser", "sample", "--model", CK, "--n", "0", "--out", f"{R}/g.png"],
+     r"argument --n: must be an integer >= 1, got '0'"),
     ("sample-no-out", ["denoiser", "sample", "--model", CK], r"the following arguments are required: --out"),
     ("evaluate-n-0", ["evaluate", "--run", RUN, "--n", "0"], r"argument --n: must be an integer >= 1"),
-    ("evaluate-permutations-0", ["evaluate", "--run", RUN, "--permutations", "0"], r"argument --permutations"),
+    ("evaluate-permutations-0", ["evaluate", "--run", RUN, "--permutations", "0"],
+     r"argument --permutations: must be an integer >= 1, got '0'"),
     ("evaluate-baselines", ["evaluate", "--run", RUN, "--baselines", "most"], r"argument --baselines: invalid ch"),
-    ("export-format", ["export", "--run", RUN, "--format", "xml", "--out", f"{R}/x"], r"argument --format: invalid"),
+    ("export-format", ["export", "--run", RUN, "--format", "xml", "--out", f"{R}/x"],
+     r"argument --format: invalid choice: 'xml' \(choose from 'json', 'csv', .*'onnxruntime', .*'policy_onnx'\)"),
     ("unknown-command", ["trian"], r"argument cmd: invalid choice: 'trian'"),
     ("train-no-config", ["train"], r"the following arguments are required: --config"),
     ("train-num-envs-text", T + ["--num-envs", "many"], r"argument --num-envs: invalid int value: 'many'"),
@@ -150,7 +162,8 @@ CLI_CASES = [
     ("train-envs-huge", TS + ["--num-envs", "1000000000000"], r"num_envs x env.images_per_env=\d+ env images need"),
     ("train-sac-layerwise", T + ["--set", "agent=sac", "--set", "layerwise=true"], r"needs layerwise: false"),
     ("train-agent-kwargs-unknown", T + ["--set", "agent_kwargs.bogus=1"], r"unknown agent_kwargs \['bogus'\]"),
-    ("train-ppo-jax-minibatches", T + ["--set", "agent_kwargs.num_minibatches=3"], r"num_minibatches"),
+    ("train-ppo-jax-minibatches", T + ["--set", "agent_kwargs.num_minibatches=3"],
+     r"num_minibatches \(3\) must divide the rollout batch num_envs \* num_steps = 8; accepted: \[1, 2, 4, 8\]"),
     ("train-ppo-jax-lr", T + ["--set", "agent_kwargs.lr=abc"], r"lr must be a finite number"),
     ("train-sb3-n-steps-0", TS + ["--set", "agent_kwargs.n_steps=0"], r"agent_kwargs.n_steps must be an integer >= 1"),
     ("train-sb3-lr-abc", TS + ["--set", "agent_kwargs.learning_rate=abc"],
@@ -172,10 +185,21 @@ CLI_CASES = [
      r"eval seed 1000 is the train bank's noise stream"),
     ("evaluate-overwrite", ["evaluate", "--run", RUN], r"already has an evaluation .*pass --force to overwrite"),
     ("evaluate-stale-policy", ["evaluate", "--run", f"{R}/stale"], r"made under another config"),
-    ("export-stale-policy", ["export", "--run", f"{R}/stale", "--out", f"{R}/x.json"], r"another config"),
+    ("export-stale-policy", ["export", "--run", f"{R}/stale", "--out", f"{R}/x.json"],
+     r"the policy in .*stale was made under another config \(fingerprint 0{{16}}, config [0-9a-f]{{16}}\).* retrain "
+     r"into a new run directory or restore the config it was trained with"),
     ("export-no-policy", ["export", "--run", f"{R}/nopolicy", "--out", f"{R}/x.json"], r"no trained policy in"),
     ("export-no-eval", ["export", "--run", RUN, "--out", f"{R}/x.json"], r"holds no learned_mean_schedule.json .*run `qpolicy evaluate"),
-    ("report-missing", ["report", f"{R}/none", "--out", f"{R}/rep"], r"none"),
+    ("report-missing", ["report", f"{R}/none", "--out", f"{R}/rep"],
+     r"run directory not found: .*none; accepted: a run directory \(with config.yaml\) or a folder of them"),
+    ("export-out-under-file", ["export", "--run", f"{R}/evaluated", "--format", "onnxruntime", "--out",
+                               f"{R}/afile/x"], r"export --out .*afile/x cannot be created: .*afile is a file"),
+    ("export-out-is-file", ["export", "--run", f"{R}/evaluated", "--format", "onnxruntime", "--out", f"{R}/afile"],
+     r"--out .*afile is a file, but format 'onnxruntime' writes several files: give a folder"),
+    ("export-out-unwritable-file", ["export", "--run", f"{R}/evaluated", "--format", "csv", "--out", "/proc/x"],
+     r"export --out /proc/x cannot be written: "),
+    ("export-out-unwritable-folder", ["export", "--run", f"{R}/evaluated", "--format", "onnxruntime", "--out",
+                                      "/proc/x"], r"export --out /proc/x cannot be written: "),
     # denoiser training: refused before any work
     ("denoiser-out-under-file", ["denoiser", "train", "--data", "digits", "--preset", "tiny", "--steps", "1",
                                  "--out", f"{R}/afile/den"], r"out .*afile/den cannot be created: .*is a file"),
@@ -186,7 +210,8 @@ CLI_CASES = [
     ("denoiser-lr", ["denoiser", "train", "--data", "digits", "--preset", "tiny", "--steps", "1", "--lr", "-1",
                      "--out", f"{R}/den"], r"lr must be a finite number > 0"),
     ("denoiser-data", ["denoiser", "train", "--data", "mnist", "--preset", "tiny", "--steps", "1", "--out",
-                       f"{R}/den"], r"mnist"),
+                       f"{R}/den"], r"unknown dataset name 'mnist'; accepted names: 'digits', 'faces', 'patches', "
+                                    r"'npz:"),
     ("denoiser-resume-other-preset", ["denoiser", "train", "--data", "digits", "--preset", "tiny", "--steps", "1",
                                       "--out", f"{R}/otherpreset"],
      r"holds a training run of another config .*changed: preset"),
@@ -195,6 +220,10 @@ CLI_CASES = [
     # concurrency
     ("train-locked", ["train", "--config", f"{R}/cfg.yaml", "--run-dir", "{held}"],
      r"run directory .*held is in use by pid {pid} on "),
+    ("export-locked", ["export", "--run", f"{R}/evaluated", "--format", "onnxruntime", "--out", "{held}"],
+     r"export --out folder .*held is in use by pid {pid} on "),
+    ("deploy-locked", ["deploy", "onnx", "--schedule", f"{R}/evaluated/learned_mean_schedule.json", "--model", CK,
+                       "--out", "{held}"], r"deploy --out folder .*held is in use by pid {pid} on "),
 ]
 
 
@@ -213,6 +242,21 @@ def test_cli_bad_input(world, capsys, monkeypatch, case, argv, pattern):
     assert __import__("re").search(pattern.format(**world), err), err
     assert snapshot(world["root"]) == before  # nothing written, nothing half-written
     assert not list(world["root"].rglob("*.tmp")) and not (world["root"] / "runs").exists()
+
+
+def test_every_flag_has_help():
+    import argparse
+
+    from qpolicy.cli import build_parser
+
+    def bare(p, name):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                yield from (x for k, sp in a.choices.items() for x in bare(sp, f"{name} {k}"))
+            elif a.option_strings and not a.help:
+                yield f"{name} {a.option_strings[-1]}"
+
+    assert list(bare(build_parser(), "qpolicy")) == []
 
 
 def test_debug_shows_the_traceback(world):

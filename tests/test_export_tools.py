@@ -1,6 +1,7 @@
 """Export targets loaded and applied by the real tools (ModelOpt, Qwix) and `qpolicy export` on committed runs.
 
-Needs the ``export`` extra for the tool tests (skipped cleanly without it)."""
+Needs the ``export`` extra for the tool tests (skipped without it; failed instead under QPOLICY_REQUIRE_EXPORT=1, as
+`make test-all` runs them)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require
 from qpolicy.export import FORMATS, export
 from qpolicy.runs import export_run
 from qpolicy.schedule import BitSchedule
@@ -31,6 +33,17 @@ def test_export_run_on_every_committed_run(run, tmp_path):
     assert csv_path == tmp_path / "s.csv" and csv_path.read_text().startswith("step,")
     paths = export_run(run, "onnxruntime", tmp_path / "ort")
     assert paths[-1].name == "manifest.json" and all(p.parent == tmp_path / "ort" for p in paths)
+
+
+def test_require_fails_instead_of_skipping_under_make_test_all(monkeypatch):
+    monkeypatch.delenv("QPOLICY_REQUIRE_EXPORT", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require("qpolicy_no_such_tool")
+    monkeypatch.setenv("QPOLICY_REQUIRE_EXPORT", "1")
+    with pytest.raises(pytest.fail.Exception, match="'qpolicy_no_such_tool' cannot be imported"):
+        require("qpolicy_no_such_tool")
+    assert require("json") is json
+    assert "QPOLICY_REQUIRE_EXPORT=1" in (ROOT / "Makefile").read_text().split("test-all:")[1].split("\n\n")[0]
 
 
 def test_export_help_says_file_or_folder(capsys):
@@ -66,7 +79,7 @@ def _torch_tree(den_layers):
 
 @pytest.mark.slow
 def test_modelopt_config_validates_and_enables_the_right_quantizers(tmp_path):
-    pytest.importorskip("modelopt.torch.quantization")
+    require("modelopt.torch.quantization")
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.quantization.config import QuantizeConfig
@@ -105,7 +118,7 @@ def test_modelopt_config_validates_and_enables_the_right_quantizers(tmp_path):
 
 @pytest.mark.slow
 def test_qwix_fake_quant_forward_runs_the_rules_and_tracks_the_simulation(tmp_path):
-    qwix = pytest.importorskip("qwix")
+    qwix = require("qwix")
     import dataclasses
 
     import jax
@@ -150,7 +163,7 @@ def test_qwix_fake_quant_forward_runs_the_rules_and_tracks_the_simulation(tmp_pa
 
 @pytest.mark.slow
 def test_step_policy_nearest_first_last_n_is_measured_and_validates(tmp_path):
-    pytest.importorskip("jsonschema")
+    require("jsonschema")
     from qpolicy.denoiser import load_denoiser
     from qpolicy.diffusion import make_sampler
     from qpolicy.engine import quant_config
@@ -173,8 +186,8 @@ def test_step_policy_nearest_first_last_n_is_measured_and_validates(tmp_path):
 
 @pytest.mark.slow
 def test_policy_network_exports_to_onnx_with_its_observation_recipe(tmp_path):
-    pytest.importorskip("jax2onnx")
-    ort = pytest.importorskip("onnxruntime")
+    require("jax2onnx")
+    ort = require("onnxruntime")
     import jax
 
     from qpolicy.agents.ppo_jax import load_policy, policy_fn

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -109,7 +110,7 @@ def test_denoiser_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert read_metrics(killed / "metrics.jsonl") == read_metrics(full / "metrics.jsonl")
 
 
-def test_sb3_killed_and_resumed_logs_each_step_once(tmp_path, tiny_ckpt):
+def test_sb3_killed_and_resumed_logs_each_step_once(tmp_path, tiny_ckpt, capsys):
     cfg = run_config(tmp_path, tiny_ckpt, agent="ppo", total_timesteps=96, checkpoint_every=8,
                      agent_kwargs={"n_steps": 4, "batch_size": 8, "n_epochs": 1})
     killed = tmp_path / "killed"
@@ -120,10 +121,24 @@ def test_sb3_killed_and_resumed_logs_each_step_once(tmp_path, tiny_ckpt):
         return bool(ck) and rows_past(killed, int(ck[-1].stem[5:]))
 
     kill_when(p, ready)
+    capsys.readouterr()
     assert main(["train", "--config", str(cfg), "--run-dir", str(killed)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["resumed"] is True and summary["timesteps"] == 96
     s = steps(killed)
     assert s == sorted(set(s)) and s[-1] == 96  # each step once, in order, to the end
+    # the final policy exists, carries the run's fingerprint, loads, counts every step and acts
+    from stable_baselines3 import PPO
+
+    from qpolicy.agents.sb3 import load_sb3_policy, zip_fingerprint
+
     assert (killed / "policy.zip").exists()
+    assert zip_fingerprint(killed / "policy.zip") == yaml.safe_load((killed / "config.yaml").read_text())["fingerprint"]
+    model = PPO.load(killed / "policy.zip", device="cpu")
+    assert model.num_timesteps == 96
+    obs = np.stack([model.observation_space.sample() for _ in range(3)])
+    act = load_sb3_policy(killed, "ppo")(obs)
+    assert act.shape == (3, *model.action_space.shape) and all(model.action_space.contains(a) for a in act)
     # SB3 checkpoints hold the model and optimizer but not the envs' states or torch's RNG, so a resumed SB3 run
     # continues correctly but is not bit-identical to an uninterrupted one (the JAX agents are).
 

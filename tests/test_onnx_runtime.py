@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require
 from qpolicy.ort_runtime import ort_bits, runtime_segments
+from qpolicy.schedule import BitSchedule
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_RUN = ROOT / "experiments" / "results" / "cpu" / "digits16_ppo_jax_demo"
@@ -38,8 +40,8 @@ def test_runtime_segments_split_at_bit_changes_and_range_buckets():
 # --------------------------------------------------------------------------- real tools (slow)
 @pytest.fixture(scope="module")
 def digits16(tmp_path_factory):
-    pytest.importorskip("jax2onnx")
-    pytest.importorskip("onnxruntime")
+    require("jax2onnx")
+    require("onnxruntime")
     from qpolicy.denoiser import load_denoiser
 
     with pytest.MonkeyPatch.context() as mp:
@@ -103,6 +105,10 @@ def test_deploy_onnx_every_segment_applies_the_schedule_types(deployed):
     manifest = json.loads((out / "manifest.json").read_text())
     names = OnnxNameMap.from_dict(json.loads((out / manifest["name_map"]).read_text()))
     bw, ba = np.array(manifest["bits_w_executed"]), np.array(manifest["bits_a_executed"])
+    s = BitSchedule.load(DIGITS_RUN / "learned_mean_schedule.json")  # the manifest's bits are the schedule's, mapped
+    want_w, want_a, _ = ort_bits(s.bits_w, s.bits_a, list(s.layer_names))
+    np.testing.assert_array_equal(bw, want_w)
+    np.testing.assert_array_equal(ba, want_a)
     assert len(manifest["segments"]) >= 2 and manifest["rounding"]  # the learned schedule has sub-8-bit entries
     for seg in manifest["segments"]:
         got = applied_bits(out / seg["file"], names)  # read back from the QDQ model's own initializers
@@ -110,6 +116,68 @@ def test_deploy_onnx_every_segment_applies_the_schedule_types(deployed):
             assert got[e["path"]] == (bw[seg["start"], l], ba[seg["start"], l]), (seg["file"], e["path"])
         onnx.checker.check_model(str(out / seg["file"]))
     assert all(a["layers_matching"] == a["layers"] for a in r["applied"])
+
+
+@pytest.mark.slow
+def test_exported_onnxruntime_overrides_quantize_the_fp_model_to_the_schedule_types(digits16, deployed, tmp_path):
+    """The user-facing `qpolicy export --format onnxruntime` files (not `deploy onnx`'s own overrides), fed to
+    onnxruntime's quantize_static as the manifest's notes say: every segment's QDQ model runs each layer's weight
+    and input at the schedule's bits as ORT expresses them (ort_bits), on the axis of the name map. The committed
+    run's schedule maps to W8A8 everywhere in ORT (ORT's defaults), so a second schedule of the same model with
+    16-bit, float and mixed layers shows that the overrides, not the defaults, set the types."""
+    import dataclasses
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from qpolicy.cli import main
+    from qpolicy.export import export, read_onnxruntime
+    from qpolicy.onnx_export import OnnxNameMap
+    from qpolicy.ort_runtime import QUANT_OPS, applied_bits
+
+    dep = json.loads((deployed[1] / "manifest.json").read_text())  # the FP ONNX model and its name map
+    names = OnnxNameMap.from_dict(json.loads((deployed[1] / dep["name_map"]).read_text()))
+    learned = BitSchedule.load(DIGITS_RUN / "learned_mean_schedule.json")
+    assert main(["export", "--run", str(DIGITS_RUN), "--format", "onnxruntime", "--out", str(tmp_path / "run")]) == 0
+    bw, ba = np.array(learned.bits_w), np.array(learned.bits_a)
+    half = learned.T // 2
+    bw[:, 0::3] = ba[:, 0::3] = 16  # 16-bit layers
+    bw[:half, 1::3] = ba[:half, 1::3] = 32  # float layers in the first half
+    ba[half:, 2::3] = 16  # 8-bit weights with 16-bit inputs in the second half
+    mixed = dataclasses.replace(learned, bits_w=bw, bits_a=ba,
+                                bit_choices=tuple(sorted(set(learned.bit_choices) | {16, 32})))
+    export(mixed, tmp_path / "mixed", "onnxruntime")
+    rng = np.random.default_rng(0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pairs = set()
+    for s, folder in ((learned, tmp_path / "run"), (mixed, tmp_path / "mixed")):
+        want_w, want_a, _ = ort_bits(s.bits_w, s.bits_a, list(s.layer_names))
+        man = json.loads((folder / "manifest.json").read_text())
+        assert [(g["start"], g["end"]) for g in man["segments"]] == [(g["start"], g["end"]) for g in s.segments()]
+        for seg in man["segments"]:
+            overrides = read_onnxruntime(folder / seg["file"])
+            for e in names.layers:
+                if e["weight"] in overrides:
+                    assert overrides[e["weight"]][0]["axis"] == e["weight_axis"], e["path"]
+            nodes = sorted(k[:-len(".weight")] for k in overrides if k.endswith(".weight"))  # the layers listed
+            feeds = [{"x": rng.standard_normal((dep["batch"], *digits16.image_shape)).astype(np.float32),
+                      "t": np.full((dep["batch"],), s.timesteps[i], np.int32)} for i in seg["steps"][:2]]
+            q = folder / seg["file"].replace(".json", ".onnx")
+            quantize_static(dep["fp_model"], str(q), Reader(feeds), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(QUANT_OPS), nodes_to_quantize=nodes or ["<none>"],
+                            per_channel=True, extra_options={"TensorQuantOverrides": overrides})
+            got = applied_bits(q, names)
+            for l, e in enumerate(names.layers):
+                want = (int(want_w[seg["start"], l]), int(want_a[seg["start"], l]))
+                assert got[e["path"]] == want, (folder.name, seg["file"], e["path"])
+                pairs.add(want)
+    assert pairs == {(8, 8), (16, 16), (32, 32), (8, 16)}
 
 
 @pytest.mark.slow

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import require
 from qpolicy.export import FORMATS, SEGMENT_FORMATS, export, export_segments, to_csv
 from qpolicy.layers import LayerInfo, layer_hash
+from qpolicy.rundir import LOCK_FILE
 from qpolicy.schedule import (
     FORMAT,
     SCHEMA_PATH,
@@ -316,7 +318,7 @@ def test_segment_exporters(tmp_path, fmt):
         assert set(o0) == {"mid.attn.qkv.weight", "mid.attn.qkv.input"}
         assert {"segment": 1, "tensor": "conv_in.weight", "requested_bits": 2, "exported_bits": 8,
                 "reason": "onnxruntime QDQ integer types are (8, 16) bits"} in man["rounding"]
-        pytest.importorskip("onnxruntime")
+        require("onnxruntime")
         from onnxruntime.quantization import QuantType
 
         from qpolicy.export import read_onnxruntime
@@ -357,7 +359,7 @@ def test_vidit_files_read_back_by_vidit_layout(tmp_path):
 
 
 def test_step_policy_v1_exact_and_v2_schema(tmp_path):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     from qpolicy.step_policy import fits_first_last_n, nearest_first_last_n, validate
 
     ba = np.array([[16, 16, 16]] * 2 + [[8, 8, 4]] * 2 + [[16, 16, 16]] * 2)
@@ -394,7 +396,7 @@ def test_export_dispatch_and_stale_cleanup(tmp_path):
     with pytest.raises(ValueError, match="writes several files: give a folder"):
         export(s, out / "notes.txt", "modelopt")
     paths = export(BitSchedule.uniform(fake_den(), fake_sampler(), 8, 8), out, "qwix")
-    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in paths] + ["notes.txt"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in paths] + ["notes.txt", LOCK_FILE])
 
 
 # --------------------------------------------------------------------------- #

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import require
 from qpolicy import sweep
 from qpolicy.report import build_report
 from qpolicy.runs import load_config
@@ -206,7 +207,7 @@ TINY = ["env.num_steps=2", "env.bank_size=4", "env.images_per_env=2", "num_envs=
 
 @pytest.mark.slow
 def test_ray_sweep_trains_evaluates_and_survives_a_failing_trial(tmp_path):
-    pytest.importorskip("ray")
+    require("ray")
     out = tmp_path / "sweep"
     # 2 real trials (lam 1 and 4, two PPO updates each on digits16 with 2 sampler steps) + 2 that fail in train()
     # (num_minibatches 3 does not divide the 8-decision rollout batch)
