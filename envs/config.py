@@ -93,6 +93,9 @@ class EnvConfig:
             raise ValueError(f"latency_table applies to cost 'latency' only; got cost {self.cost!r} (set cost: latency "
                              "or drop latency_table)")
         object.__setattr__(self, "bit_choices", check_choices(self.bit_choices))
+        if self.cost == "latency" and 32 not in self.bit_choices:
+            raise ValueError(f"cost 'latency' needs 32 in bit_choices (latency costs are relative to the measured FP32 "
+                             f"model); got bit_choices {list(self.bit_choices)}")
         if self.bank_size < self.images_per_env:
             raise ValueError(f"bank_size ({self.bank_size}) must be >= images_per_env ({self.images_per_env}): "
                              "an episode draws its images from the bank without replacement")

@@ -123,6 +123,8 @@ def test_bad_tables_give_clear_errors(tmp_path, tiny_denoiser, record):
     np.testing.assert_array_equal(sub, np.asarray(record["table"])[:, [1, 3]][:, :, [1, 3]])
     with pytest.raises(ValueError, match=r"cost must be one of \('bops', 'latency'\)"):
         E.EnvConfig(cost="joules")
+    with pytest.raises(ValueError, match=r"cost 'latency' needs 32 in bit_choices"):
+        E.EnvConfig(cost="latency", bit_choices=(4, 8))
     with pytest.raises(ValueError, match="latency_table applies to cost 'latency' only"):
         E.EnvConfig(latency_table="x.json")
     with pytest.raises(ValueError, match="measure.* --batch|batch must be an integer"):
@@ -140,8 +142,10 @@ def test_committed_run_fingerprints_unchanged():
         assert RunConfig(**d).fingerprint() == fp, run
         d["env"] = {**d["env"], "cost": "bops"}  # the default, written out: same run
         assert RunConfig(**d).fingerprint() == fp
+        d["env"] = {**d["env"], "bit_choices": [4, 8, 32]}  # latency costs need 32 in the choice set
+        bops = RunConfig(**d).fingerprint()
         d["env"] = {**d["env"], "cost": "latency"}
-        assert RunConfig(**d).fingerprint() != fp
+        assert RunConfig(**d).fingerprint() != bops
 
 
 @pytest.fixture()
