@@ -1,7 +1,8 @@
 """Budgets: the cost of a schedule, the budget checks, and greedy repair/fill of (T, L) choice-index schedules.
 
-A budget is a target ``bops_rel_fp32`` (trajectory cost over the FP32 sampler's, see
-:meth:`qpolicy.cost.CostModel.summary`), e.g. uniform W8A8 = 0.0625, W4A4 = 0.015625. Every cost comes from the
+A budget is a target ``cost_rel_fp32`` (trajectory cost over the FP32 sampler's, see
+:meth:`qpolicy.cost.CostModel.summary`: BOPs, e.g. uniform W8A8 = 0.0625, W4A4 = 0.015625, or measured latency with
+``env.cost: latency``). Every cost comes from the
 engine's :meth:`~qpolicy.cost.CostModel.table`. ``tab``: that (L, C, C) table; ``iw`` / ``ia``: (T, L) choice
 indices of weights / activations; ``prio``: (T, L, C) penalty of each entry at each choice (lower is better).
 """
@@ -18,8 +19,9 @@ TOL = 1e-9
 
 
 def schedule_cost(engine: Any, bits_w: Any, bits_a: Any) -> float:
-    """Trajectory cost ``bops_rel_fp32`` of a (T, L) (or (L,)) schedule, from the engine's CostModel."""
-    return engine.cost_model().summary(np.asarray(bits_w), np.asarray(bits_a))["bops_rel_fp32"]
+    """Trajectory cost ``cost_rel_fp32`` of a (T, L) (or (L,)) schedule, from the engine's CostModel (BOPs, or the
+    measured latency table with ``env.cost: latency``)."""
+    return engine.cost_model().summary(np.asarray(bits_w), np.asarray(bits_a))["cost_rel_fp32"]
 
 
 def cost_table(engine: Any) -> np.ndarray:
@@ -44,7 +46,9 @@ def traj_cost(tab: np.ndarray, iw: np.ndarray, ia: np.ndarray) -> float:
 
 
 def min_cost(engine: Any, tab: np.ndarray) -> float:
-    return float(tab[:, 0, 0].sum())
+    """Every layer at its cheapest pair (the lowest bits under BOPs; a measured latency table need not be monotone
+    in bits, e.g. bf16 slower than fp32 on a CPU)."""
+    return float(tab.reshape(tab.shape[0], -1).min(1).sum())
 
 
 def check_budget(engine: Any, budget: float, tab: np.ndarray | None = None) -> float:
@@ -59,7 +63,7 @@ def check_budget(engine: Any, budget: float, tab: np.ndarray | None = None) -> f
         raise ValueError(f"budget must be a positive bops_rel_fp32 (e.g. 0.0625 = uniform W8A8), got {budget}")
     if budget < lo * (1 - TOL):
         raise ValueError(f"budget={budget:.6g} is below the minimum achievable cost {lo:.6g} "
-                         f"(every layer at W{b0}A{b0}); raise the budget to at least {lo:.6g}")
+                         f"(every layer at its cheapest pair, W{b0}A{b0} under BOPs); raise the budget to at least {lo:.6g}")
     return budget
 
 
@@ -77,10 +81,12 @@ def priority_table(prio: np.ndarray | None, T: int, L: int, C: int) -> np.ndarra
 
 
 def _moves(tab, iw, ia, prio, tie, direction):
-    """Candidate single moves (one choice index down (-1) or up (+1)) of every (t, l) entry.
+    """Candidate single moves (one choice index down (-1) or up (+1)) of every (t, l) entry; a lowering move skips
+    choices that would not save cost (a latency table may price bf16 above fp32), so it lands on the nearest lower
+    choice that is cheaper (under BOPs always the next one).
 
-    Returns a list of (which, t, l, dcost, dsens) arrays per move kind; which: 0 = tied or W, 1 = A.
-    dcost / dsens are the trajectory-cost and penalty changes (dcost < 0 when lowering)."""
+    Returns a list of (which, ok, dcost, dsens, nw, na) arrays per move kind; which: 0 = tied or W, 1 = A.
+    dcost / dsens are the trajectory-cost and penalty changes (dcost < 0 when lowering); nw / na the new indices."""
     T, L = iw.shape
     C = tab.shape[1]
     lidx = np.arange(L)[None, :]
@@ -89,6 +95,12 @@ def _moves(tab, iw, ia, prio, tie, direction):
     for k, (mw, ma) in enumerate(kinds):
         nw = iw + direction if mw else iw
         na = ia + direction if ma else ia
+        if direction < 0:  # the first lower choice that is cheaper than the current one
+            here = tab[lidx, iw, ia]
+            for s in range(2, C):
+                stuck = (tab[lidx, np.clip(nw, 0, C - 1), np.clip(na, 0, C - 1)] >= here)
+                nw = np.where(stuck & mw, iw - s, nw)
+                na = np.where(stuck & ma, ia - s, na)
         ok = (nw >= 0) & (nw < C) & (na >= 0) & (na < C)
         nwc, nac = np.clip(nw, 0, C - 1), np.clip(na, 0, C - 1)
         dcost = (tab[lidx, nwc, nac] - tab[lidx, iw, ia]) / T
@@ -99,7 +111,7 @@ def _moves(tab, iw, ia, prio, tie, direction):
             cur = iw if mw else ia
             new = nwc if mw else nac
             dsens = prio[tt, ll, new] - prio[tt, ll, cur]
-        out.append((k, ok, dcost, dsens))
+        out.append((k, ok, dcost, dsens, nw, na))
     return out
 
 
@@ -115,7 +127,7 @@ def repair(tab, iw, ia, budget, prio=None, *, tie=True, frozen=None, cur_bits=No
     cost = traj_cost(tab, iw, ia)
     while cost > budget * (1 + TOL):
         best = None
-        for k, ok, dcost, dsens in _moves(tab, iw, ia, prio, tie, -1):
+        for k, ok, dcost, dsens, nw, na in _moves(tab, iw, ia, prio, tie, -1):
             ok = ok & (dcost < 0)
             if frozen is not None:
                 ok = ok & ~frozen
@@ -131,20 +143,18 @@ def repair(tab, iw, ia, budget, prio=None, *, tie=True, frozen=None, cur_bits=No
             secondary = np.where(ok, dcost, np.inf)  # more negative = larger saving
             flat = np.lexsort((secondary.ravel(), primary.ravel()))[0]
             t, l = np.unravel_index(flat, iw.shape)
-            cand = (primary[t, l], secondary[t, l], k, t, l)
+            cand = (primary[t, l], secondary[t, l], k, t, l, nw[t, l], na[t, l])
             if best is None or cand[:2] < best[:2]:
                 best = cand
         if best is None:
             if frozen is not None:
                 return repair(tab, iw, ia, budget, prio, tie=tie, frozen=None, cur_bits=cur_bits)
             raise ValueError(f"budget={budget:.6g} cannot be met: every entry is already at the minimum bits")
-        _, _, k, t, l = best
-        if tie:
-            iw[t, l] -= 1
-        elif k == 0:
-            iw[t, l] -= 1
+        _, _, k, t, l, new_w, new_a = best
+        if tie or k == 0:
+            iw[t, l] = new_w
         else:
-            ia[t, l] -= 1
+            ia[t, l] = new_a
         cost = traj_cost(tab, iw, ia)
     return iw, (iw.copy() if tie else ia)
 
@@ -161,7 +171,7 @@ def fill(tab, iw, ia, budget, prio, *, tie=True, frozen=None):
     while True:
         slack = budget * (1 + TOL) - cost
         best = None
-        for k, ok, dcost, dsens in _moves(tab, iw, ia, prio, tie, +1):
+        for k, ok, dcost, dsens, _, _ in _moves(tab, iw, ia, prio, tie, +1):
             ok = ok & (dcost <= slack) & (dsens < 0)
             if frozen is not None:
                 ok = ok & ~frozen
@@ -185,7 +195,7 @@ def fill(tab, iw, ia, budget, prio, *, tie=True, frozen=None):
 
 def budget_repair(engine: Any, bits_w: Any, bits_a: Any, budget: float, priority: Any = None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Lower bits until the schedule's ``bops_rel_fp32`` is <= ``budget``; returns int32 (T, L) bits_w, bits_a.
+    """Lower bits until the schedule's ``cost_rel_fp32`` is <= ``budget``; returns int32 (T, L) bits_w, bits_a.
 
     bits_w, bits_a: (T, L) (usually T = S) or (L,). Greedy: repeatedly lower (by one choice) the entry
     with the smallest penalty increase per BOP saved. ``priority``: (L, C) or (T, L, C) penalty of each

@@ -13,6 +13,10 @@ from qpolicy.quant import ACT_RANGE_MODES
 
 REWARD_MODES = ("delta", "terminal", "budget")
 SAMPLERS = ("ddim", "ddpm")
+COST_MODES = ("bops", "latency")
+#: fields added after the run fingerprint's first version: a run config's fingerprint includes them only when they
+#: differ from their defaults, so the fingerprints of existing runs (and the policies carrying them) stay valid
+LATER_FIELDS = ("cost", "latency_table")
 ENV_BANKS = ("train", "eval")
 
 
@@ -30,7 +34,8 @@ class EnvConfig:
     reward: "delta" | "terminal" | "budget" (see qpolicy.envs.core).
     alpha: weight of the trajectory error in the reward.
     lam: weight of the cost in the reward.
-    budget: cost budget in units of the FP32 trajectory's BOPs (0.0625 = uniform W8A8), reward "budget".
+    budget: cost budget in units of the FP32 trajectory's cost (BOPs: 0.0625 = uniform W8A8; or latency with cost
+        "latency"), reward "budget".
     beta_fd: weight of the terminal fd proxy (reward "terminal").
     error_clip: per-image relative errors are clipped to <= error_clip before entering the reward.
     bank: "train" | "eval" (disjoint noise streams).
@@ -39,6 +44,10 @@ class EnvConfig:
     quant_preset: quantizer preset of the engine (qpolicy.engine.QUANT_PRESETS): "ptq" (the default: splitting,
         bias correction, clipping) | "ptq-smooth" (ptq + SmoothQuant) | "plain" | "ptq-recon" | "full".
     thumb_size: side of the x_t thumbnail in the observation.
+    cost: "bops" (BOPs_l = MACs_l * b_w * b_a) | "latency" (a measured per-(layer, b_w, b_a) table, see
+        qpolicy.latency; reward, budgets, baselines and summaries all price schedules by it).
+    latency_table: path of the latency table JSON (cost "latency"); null = the one stored with the model for this
+        device (<checkpoint>/latency/<device>.json, written by `qpolicy latency`).
     """
 
     model: Any = DEFAULT_MODEL
@@ -59,6 +68,8 @@ class EnvConfig:
     act_ranges: str = "dynamic"
     quant_preset: str = "ptq"
     thumb_size: int = 4
+    cost: str = "bops"
+    latency_table: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, Path, Denoiser)):
@@ -74,7 +85,17 @@ class EnvConfig:
             put(name, kind="real", lo=0)
         put("error_clip", kind="real", lo=0, lo_open=True)
         put("tie_weights_activations", kind="bool")
+        put("cost", kind="choice", choices=COST_MODES)
+        if isinstance(self.latency_table, Path):
+            object.__setattr__(self, "latency_table", str(self.latency_table))
+        put("latency_table", kind="str", optional=True)
+        if self.latency_table is not None and self.cost != "latency":
+            raise ValueError(f"latency_table applies to cost 'latency' only; got cost {self.cost!r} (set cost: latency "
+                             "or drop latency_table)")
         object.__setattr__(self, "bit_choices", check_choices(self.bit_choices))
+        if self.cost == "latency" and 32 not in self.bit_choices:
+            raise ValueError(f"cost 'latency' needs 32 in bit_choices (latency costs are relative to the measured FP32 "
+                             f"model); got bit_choices {list(self.bit_choices)}")
         if self.bank_size < self.images_per_env:
             raise ValueError(f"bank_size ({self.bank_size}) must be >= images_per_env ({self.images_per_env}): "
                              "an episode draws its images from the bank without replacement")
@@ -87,3 +108,12 @@ class EnvConfig:
 
     def replace(self, **kw: Any) -> "EnvConfig":
         return dataclasses.replace(self, **kw)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The fields as a run's fingerprint hashes them: every field, except :data:`LATER_FIELDS` at their
+        defaults (so configs written before those fields existed keep their fingerprints)."""
+        d = dataclasses.asdict(self)
+        for f in LATER_FIELDS:
+            if d[f] == getattr(EnvConfig, f):
+                del d[f]
+        return d

@@ -24,8 +24,9 @@ Reward (all modes; e, c as below)
 e_i = mean over the env's B images of min(err_b, error_clip), err_b = ||x̂_i - x_i||² / ||x_i||² after
 sampler step i against the FP reference at the same step; e_{-1} = 0.
 c = relative cost of one decision: per-step env c_i = step_cost(bits_i) / T = Σ_l table[l, w, a] / T;
-layer-wise c_{i,l} = table[l, w, a] / T, with table[l, w, a] = MACs_l·b_w·b_a / BOPs_FP32 (one forward),
-so Σ c over an episode = CostModel.summary(bits)["bops_rel_fp32"] = C_total. C_k: cumulative cost after
+layer-wise c_{i,l} = table[l, w, a] / T, with table[l, w, a] = MACs_l·b_w·b_a / BOPs_FP32 (one forward; with
+env.cost "latency" the measured seconds of layer l at that pair over the FP32 model's, see qpolicy.latency),
+so Σ c over an episode = CostModel.summary(bits)["cost_rel_fp32"] = C_total. C_k: cumulative cost after
 decision k (C_0 = 0). Δe: e_i − e_{i−1} on a decision that runs step i's forward, 0 otherwise.
 
 * ``delta``:    r = −(α·Δe + λ·c).                Return = −(α·e_final + λ·C_total).

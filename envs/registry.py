@@ -33,12 +33,19 @@ def static_config(cfg: EnvConfig) -> EnvConfig:
 
 
 def engine_for(cfg: EnvConfig) -> QuantEngine:
-    """The quantized sampler of an env config (one per static config, shared by per-step and layer-wise cores)."""
+    """The quantized sampler of an env config (one per static config, shared by per-step and layer-wise cores);
+    with ``cost: latency`` the BOPs engine's copy carrying the verified latency table (no second calibration)."""
     sk = static_config(cfg)
     if sk not in _ENGINES:
-        qcfg = quant_config(cfg.quant_preset, act_ranges=cfg.act_ranges, bit_choices=cfg.bit_choices)
-        _ENGINES[sk] = make_engine(resolve_model(cfg.model), steps=cfg.num_steps, sampler=cfg.sampler, eta=cfg.eta,
-                                   qcfg=qcfg)
+        if cfg.cost == "latency":
+            from qpolicy.latency import load_for
+
+            base = engine_for(sk.replace(cost="bops", latency_table=None))
+            _ENGINES[sk] = base.with_latency(load_for(base.den, cfg.bit_choices, cfg.latency_table))
+        else:
+            qcfg = quant_config(cfg.quant_preset, act_ranges=cfg.act_ranges, bit_choices=cfg.bit_choices)
+            _ENGINES[sk] = make_engine(resolve_model(cfg.model), steps=cfg.num_steps, sampler=cfg.sampler,
+                                       eta=cfg.eta, qcfg=qcfg)
     return _ENGINES[sk]
 
 

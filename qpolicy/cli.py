@@ -319,6 +319,35 @@ def cmd_calibrate(a) -> int:
     return 0
 
 
+def cmd_latency(a) -> int:
+    """Measure the per-(layer, b_w, b_a) latency table on this device; store it with the model (or --out)."""
+    from .bits import DEFAULT_BIT_CHOICES, check_choices
+    from .cost import CostModel
+    from .denoiser import load_denoiser
+    from .latency import compare, measure, model_path, save_table
+
+    try:
+        choices = [int(c) for c in a.bit_choices.split(",")] if a.bit_choices else DEFAULT_BIT_CHOICES
+    except ValueError:
+        raise ValueError(f"--bit-choices must be comma-separated integers, got {a.bit_choices!r}") from None
+    choices = check_choices(choices, field="--bit-choices")
+    den = load_denoiser(a.model)
+    rec = measure(den, batch=a.batch, repeats=a.repeats, bit_choices=choices, progress=not a.json)
+    rec["comparison"] = compare(rec["table"], CostModel.from_layers(den.layers, choices))
+    out = save_table(rec, a.out or model_path(den))
+    if a.json:
+        _print_json({"path": str(out), **{k: rec[k] for k in ("model", "device", "batch", "bit_choices",
+                                                              "fallback_layers", "comparison")}})
+    else:
+        c = rec["comparison"]
+        print(f"latency table of {den.name} on {rec['device']['kind']} (batch {rec['batch']}): {out}")
+        print(f"Spearman BOPs vs latency: entries {c['spearman_entries']:.3f}, within layers "
+              f"{c['spearman_within_layer_mean']:.3f}")
+        for k, v in c["uniform"].items():
+            print(f"  uniform {k}: BOPs/FP32 {v['bops_rel_fp32']:.4f}, latency/FP32 {v['latency_rel_fp32']:.4f}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     """Main job: train a PPO precision policy on digits16, evaluate it against every baseline, export it."""
     from .evaluation import evaluate_run
@@ -510,6 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--buckets", type=_int_at_least(1), default=4, help="step buckets (ranges per layer and bucket)")
     c.add_argument("--n", type=_int_at_least(1), default=32, help="calibration images (the calib noise bank)")
     c.set_defaults(fn=cmd_calibrate)
+
+    la = sub.add_parser("latency", help="measure a per-(layer, b_w, b_a) latency table on this device (env.cost "
+                                        "latency); stored with the model unless --out")
+    la.add_argument("--model", default="digits16", help="shipped model name or checkpoint folder")
+    la.add_argument("--batch", type=_int_at_least(1), default=64, help="images per timed call")
+    la.add_argument("--repeats", type=_int_at_least(1), default=7, help="timed calls per layer and kernel (median)")
+    la.add_argument("--bit-choices", default=None, help="comma-separated choice set (default 2,3,4,5,6,8,16,32)")
+    la.add_argument("--out", default=None, help="table JSON (default <checkpoint>/latency/<device>.json)")
+    la.add_argument("--json", action="store_true")
+    la.set_defaults(fn=cmd_latency)
 
     d = sub.add_parser("demo", help="the main job: train a policy on digits16, evaluate vs baselines, export")
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "experiments" / "configs"

@@ -84,8 +84,8 @@ class CostModel:
         return np.moveaxis(self.layer_bops(ch[:, None, None], ch[None, :, None]), -1, 0) / self.bops_fp32
 
     def step_cost(self, bits_w, bits_a):
-        """Relative cost c in (0, 1] of one forward: BOPs / BOPs_FP32, or latency / latency_FP32 (bits (..., L),
-        in the choice set when a latency table is used)."""
+        """Relative cost c of one forward: BOPs / BOPs_FP32 in (0, 1], or latency / latency_FP32 (bits (..., L), in
+        the choice set when a latency table is used; may exceed 1 where a narrower kernel runs slower than FP32)."""
         if self.latency is None:
             return self.bops(bits_w, bits_a) / self.bops_fp32
         xp = _xp(bits_w)
@@ -99,7 +99,9 @@ class CostModel:
         bops_rel_fp32 / bops_rel_w8a8: trajectory BOPs over the FP32 / uniform-W8A8 sampler's;
         mean_bits_w / mean_bits_a: plain means over steps and layers; mean_bits_*_macs: MAC-weighted;
         weight_mbytes: sum_l params_l * b_w / 8 / 1e6 averaged over steps (weights held at each step's bits);
-        weight_mbytes_fp32: the same at 32 bits."""
+        weight_mbytes_fp32: the same at 32 bits; latency_rel_fp32 (with a latency table): trajectory latency over
+        the FP32 sampler's; cost_rel_fp32: the cost the table prices (latency_rel_fp32 with a latency table, else
+        bops_rel_fp32) -- what budgets, baseline matching and the env's cost use."""
         bw = np.atleast_2d(np.asarray(bits_w, np.float64))
         ba = np.atleast_2d(np.asarray(bits_a, np.float64))
         if bw.shape != ba.shape or bw.shape[-1] != len(self.macs):
@@ -118,6 +120,8 @@ class CostModel:
             "weight_mbytes": float((bw * self.params).sum(-1).mean() / 8 / 1e6),
             "weight_mbytes_fp32": float(self.params.sum() * 4 / 1e6),
         }
+        out["cost_rel_fp32"] = out["bops_rel_fp32"]
         if self.latency is not None:
             out["latency_rel_fp32"] = float(np.mean(self.step_cost(bw.astype(int), ba.astype(int))))
+            out["cost_rel_fp32"] = out["latency_rel_fp32"]
         return out

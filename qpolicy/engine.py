@@ -196,6 +196,8 @@ class QuantEngine:
 
     act_ranges_table: (range_buckets, L, 2) static activation (min, max) per (step bucket, layer),
     required when ``qcfg.act_ranges == "static"`` (see :func:`calibrate`).
+    latency: optional (L, C, C) measured seconds per image (:mod:`qpolicy.latency`); when set, the engine's
+    :meth:`cost_model` (reward, budgets, baselines, summaries) costs schedules by it instead of BOPs.
     Derived at construction (concrete, so the engine can first be used inside a trace): ``input_splits``
     ({layer: channel sizes} with split_concat), ``input_means`` ({layer: (S, Cin)} with bias_correction),
     ``weight_table`` (with precompute_weights)."""
@@ -204,6 +206,7 @@ class QuantEngine:
     sampler: Sampler
     qcfg: QuantConfig = QuantConfig()
     act_ranges_table: jax.Array | None = None
+    latency: Any = None
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass, derived fields)
@@ -241,7 +244,20 @@ class QuantEngine:
         return self.den.image_shape
 
     def cost_model(self, latency: Any = None) -> CostModel:
-        return CostModel.from_layers(self.den.layers, self.qcfg.bit_choices, latency)
+        """The engine's one :class:`CostModel`: BOPs, or the measured (L, C, C) latency table the engine carries
+        (``with_latency``; ``latency`` overrides it)."""
+        return CostModel.from_layers(self.den.layers, self.qcfg.bit_choices,
+                                     self.latency if latency is None else latency)
+
+    def with_latency(self, latency: Any) -> "QuantEngine":
+        """This engine with a measured (L, C, C) latency table (seconds per image on ``qcfg.bit_choices``, see
+        :mod:`qpolicy.latency`) as its cost: a shallow copy, so calibration is not redone."""
+        import copy
+
+        CostModel.from_layers(self.den.layers, self.qcfg.bit_choices, latency)  # validates the shape
+        eng = copy.copy(self)
+        object.__setattr__(eng, "latency", np.asarray(latency, np.float64))
+        return eng
 
     def bucket(self, i: jax.Array) -> jax.Array:
         return (i * self.qcfg.range_buckets) // self.num_steps

@@ -231,8 +231,10 @@ def compare(records: list[Record]) -> dict[str, Any]:
     for r in records[1:]:
         d = paired_difference(learned.errors[-1], r.errors[-1])
         r.row["vs_learned"] = {k: d[k] for k in ("mean_diff", "ci", "rel_diff", "verdict")}
+        # matched in the engine's cost (cost_rel_fp32: BOPs, or latency with env.cost 'latency')
         comps.append({"baseline": r.row["name"], "kind": r.row["kind"], "bops_rel_fp32": r.row["bops_rel_fp32"],
-                      "at_matched_cost": r.row["bops_rel_fp32"] <= learned.row["bops_rel_fp32"] + 1e-9,
+                      "cost_rel_fp32": r.row["cost_rel_fp32"],
+                      "at_matched_cost": r.row["cost_rel_fp32"] <= learned.row["cost_rel_fp32"] + 1e-9,
                       **r.row["vs_learned"], "text": verdict_text(d, learned.row["name"], r.row["name"])})
     out: dict[str, Any] = {"comparisons": comps}
     matched = [c for c in comps if c["kind"] == "baseline" and c["at_matched_cost"]]
@@ -242,6 +244,7 @@ def compare(records: list[Record]) -> dict[str, Any]:
         out["best_baseline_at_matched_cost"] = {"name": row["name"], "final_error": row["final_error"],
                                                 "final_error_ci": row["final_error_ci"],
                                                 "bops_rel_fp32": row["bops_rel_fp32"],
+                                                "cost_rel_fp32": row["cost_rel_fp32"],
                                                 "search_forwards": row.get("search_forwards"),
                                                 "verdict": best["verdict"], "text": best["text"]}
         out["learned_beats_best_baseline"] = best["verdict"] == "better"
@@ -257,8 +260,8 @@ def audit(s: Setup, records: list[Record], idx: np.ndarray, bw_g: np.ndarray, ba
     B = idx.shape[1]
     matched = learned.errors[-1].reshape(-1, B).mean(1)
     perm = adaptivity.permutation_audit(s.engine, s.bank, idx, bw_g, ba_g, matched, k=k)
-    cost = learned.row["bops_rel_fp32"] + 1e-9
-    menu = {r.row["name"]: r.errors[-1] for r in records[1:] if r.row["bops_rel_fp32"] <= cost}
+    cost = learned.row["cost_rel_fp32"] + 1e-9
+    menu = {r.row["name"]: r.errors[-1] for r in records[1:] if r.row["cost_rel_fp32"] <= cost}
     feats = adaptivity.input_features(s.bank.traj[0], s.core.config.thumb_size)
     oracle = adaptivity.oracle_headroom(menu, learned.errors[-1])
     return {"vs_mean_schedule": adaptivity.vs_mean_schedule(learned.errors[-1], mean.errors[-1]),
@@ -346,7 +349,7 @@ def _evaluate(run_dir, *, baselines, budget, n, eval_seed, progress, with_fd, pe
         learned, idx, bw_g, ba_g = score_learned(s)
         records = [learned, score_mean_schedule(s, learned)]
     budget = budget if budget is not None else (s.cfg.budget if s.cfg.budget is not None
-                                                else learned.row["bops_rel_fp32"])
+                                                else learned.row["cost_rel_fp32"])
     cap = None
     if search_budget == "equal":
         cap = max(1, learned.row["search_forwards"] // (TRAIN_BANK_IMAGES * s.engine.num_steps))

@@ -41,12 +41,25 @@ def _int8_op(op, out=jnp.int32):
     return f
 
 
+def int8_out(conv: bool):
+    """The result type asked of an int8 x int8 kernel: int32 (the accumulator) except XLA's GPU convolutions, which
+    cuDNN runs as int8 x int8 -> (int32 accumulation) float32."""
+    return jnp.int32 if not conv or jax.default_backend() == "cpu" else jnp.float32
+
+
+def with_op(module: nn.Module, wrap, **overrides: Any) -> nn.Module:
+    """A parentless copy of a Conv / Dense / DenseGeneral whose contraction op (``lax.conv_general_dilated`` /
+    ``lax.dot_general``) is ``wrap(op)``, so the module's own padding, strides, dilation and dimension numbers reach
+    the replacement (used by the integer path here and the latency measurement in :mod:`qpolicy.latency`)."""
+    if isinstance(module, nn.Conv):
+        return module.clone(parent=None, conv_general_dilated=wrap(lax.conv_general_dilated), **overrides)
+    return module.clone(parent=None, dot_general=wrap(lax.dot_general), **overrides)
+
+
 def _int_module(module: nn.Module) -> nn.Module:
     """A parentless, bias-free copy of a Conv / Dense whose contraction runs on int8 operands into int32."""
-    if isinstance(module, nn.Conv):
-        out = jnp.int32 if jax.default_backend() == "cpu" else jnp.float32  # cuDNN: int8 x int8 -> (int32 acc) f32
-        return module.clone(parent=None, use_bias=False, conv_general_dilated=_int8_op(lax.conv_general_dilated, out))
-    return module.clone(parent=None, use_bias=False, dot_general=_int8_op(lax.dot_general))
+    conv = isinstance(module, nn.Conv)
+    return with_op(module, lambda op: _int8_op(op, int8_out(conv)), use_bias=False)
 
 
 def int_accumulate(module: nn.Module, q_in: jax.Array, zp: jax.Array, q_w: jax.Array) -> jax.Array:
@@ -179,4 +192,4 @@ def check(engine: QuantEngine, bank: ReferenceBank, bits_w: Any, bits_a: Any) ->
             "n": bank.size, "steps": engine.num_steps, "layers": layers}
 
 
-__all__ = ["check", "eligible", "integer_layer", "run_sampler"]
+__all__ = ["check", "eligible", "int8_out", "integer_layer", "run_sampler", "with_op"]

@@ -43,7 +43,7 @@ class RunConfig:
     agent_kwargs: passed to the SB3 constructor or to PPOConfig.
     checkpoint_every: decisions between checkpoints (SB3).
     eval_bank_size: eval-bank images for qpolicy evaluate.
-    budget: baselines' cost budget (bops_rel_fp32); null = the learned policy's own cost (matched cost).
+    budget: baselines' cost budget (cost_rel_fp32: BOPs, or latency with env.cost latency); null = the learned policy's own cost (matched cost).
     wandb: offline | online | disabled.
     """
 
@@ -101,7 +101,7 @@ class RunConfig:
         from qpolicy.envs import EnvConfig
 
         d = {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAINING}
-        d["env"] = dataclasses.asdict(EnvConfig(**self.env))
+        d["env"] = EnvConfig(**self.env).fingerprint_dict()
         return fingerprint(d)
 
 
@@ -133,7 +133,13 @@ def validate(cfg: RunConfig) -> None:
     env = EnvConfig(**cfg.env)
     if not isinstance(env.model, (str, Path)):
         return  # a Denoiser object (Python API)
-    meta = read_json(resolve_model_dir(env.model) / "meta.json", what="checkpoint metadata")
+    mdir = resolve_model_dir(env.model)
+    meta = read_json(mdir / "meta.json", what="checkpoint metadata")
+    if env.cost == "latency" and isinstance(meta, dict):  # the table is found and matches before anything is written
+        from .latency import default_path, load_table
+
+        path = env.latency_table or default_path(mdir.resolve(), meta.get("name", mdir.name), meta.get("layer_hash"))
+        load_table(path, layer_hash=meta.get("layer_hash"), num_layers=None, bit_choices=env.bit_choices)
     shape = meta.get("image_shape") if isinstance(meta, dict) else None
     if isinstance(shape, list) and shape and all(isinstance(v, int) for v in shape):
         image = int(np.prod(shape)) * 4
