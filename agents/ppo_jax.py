@@ -44,6 +44,7 @@ import optax
 from qpolicy.config import check, is_int
 from qpolicy.envs.spaces import heads
 from qpolicy.io import atomic_write_json, load_pytree, read_json, save_pytree
+from qpolicy.sharding import EnvSharding, env_sharding
 
 __all__ = ["PPOConfig", "ActorCritic", "PPOTrainer", "PPOResult", "Checkpointer", "make_train", "train", "policy_fn",
            "core_meta", "save_policy", "load_policy"]
@@ -96,6 +97,9 @@ class PPOConfig:
         applied by ``qpolicy train``, its search compute charged to the learned policy).
     warm_start_epochs: full-batch Adam steps of the behaviour cloning.
     warm_start_smoothing: label smoothing of the cloning targets (keeps PPO exploring around the schedule).
+    devices: local devices the env batch is split over (qpolicy.sharding): None = all of them when they divide
+        num_envs, else one; an integer n = exactly n (must divide num_envs). Results do not depend on it (up to
+        the order of floating-point sums).
     """
 
     num_envs: int = 16
@@ -119,12 +123,14 @@ class PPOConfig:
     warm_start: str | None = None
     warm_start_epochs: int = 300
     warm_start_smoothing: float = 0.1
+    devices: int | None = None
 
     def __post_init__(self) -> None:
         put = lambda name, **rule: object.__setattr__(self, name, check(name, getattr(self, name), **rule))
         for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches", "num_seeds"):
             put(name, kind="int", lo=1)
         put("seed", kind="int", lo=0)
+        put("devices", kind="int", lo=1, optional=True)
         put("anneal_lr", kind="bool")
         for name in ("lr", "clip_eps", "dual_lr"):
             put(name, kind="real", lo=0, lo_open=True)
@@ -300,6 +306,8 @@ class _MultiCategorical:
 class RunnerState:
     """Carry of the training loop for one seed (env batch on axis 0 of env_state/obs/ep_return)."""
 
+    ENV_FIELDS = ("env_state", "obs", "ep_return")  # split over the devices (qpolicy.sharding)
+
     params: Any
     opt_state: Any
     env_state: Any
@@ -327,15 +335,18 @@ class PPOTrainer:
     update (rollout of num_steps x num_envs, GAE, update_epochs x num_minibatches Adam steps);
     ``run(runner, env_params, n)``: n updates in a ``lax.scan`` (metrics stacked on axis 0);
     ``__call__(key)``: the whole run with the env params given at construction -> {"params", "metrics"}.
-    ``trace_counts["update"]`` counts traces of the update (one trace = one compilation when jitted)."""
+    ``trace_counts["update"]`` counts traces of the update (one trace = one compilation when jitted).
+    ``sharding`` (default: from ``cfg.devices``, :mod:`qpolicy.sharding`): each device steps its slice of the envs
+    (shard_map), and sharding constraints keep the env axis of env states, observations and rollouts split."""
 
-    def __init__(self, core: Any, env_params: Any, cfg: PPOConfig):
+    def __init__(self, core: Any, env_params: Any, cfg: PPOConfig, sharding: EnvSharding | None = None):
         if not isinstance(cfg, PPOConfig):
             raise ValueError(f"cfg must be a PPOConfig, got {type(cfg).__name__}")
         self.core, self.env_params, self.cfg = core, env_params, cfg
         if cfg.cost_target is not None and env_params is not None and not hasattr(env_params, "lam"):
             raise ValueError(f"cost_target needs env params with a cost weight 'lam' (the quantized-diffusion envs); "
                              f"{type(env_params).__name__} has none")
+        self.sharding = sharding if sharding is not None else env_sharding(cfg.num_envs, cfg.devices)
         self.nvec, self.scalar_action = _action_spec(core)
         self.obs_size = _obs_size(core)
         self.network = ActorCritic(nvec=self.nvec, hidden=cfg.hidden)
@@ -351,10 +362,10 @@ class PPOTrainer:
 
     # -- env helpers
     def _env_step(self, key, states, actions, env_params):
-        # the env's batched step (the layer-wise core runs the denoiser forward only on decisions that complete a
-        # step: all envs are in lockstep here)
+        # the env's batched step, each device stepping its slice of the envs (the layer-wise core runs the denoiser
+        # forward only on decisions that complete a step: all envs are in lockstep here)
         a = actions[..., 0] if self.scalar_action else actions
-        return self.core.step_batch(key, states, a, env_params)[:6]
+        return self.sharding.step_batch(self.core, key, states, a, env_params)[:6]
 
     def init(self, key: jax.Array, env_params: Any = None, params: Any = None) -> RunnerState:
         """The runner before the first update; ``params``: the agent's starting params (e.g. a warm start),
@@ -363,7 +374,7 @@ class PPOTrainer:
         k_net, k_env, rng = jax.random.split(key, 3)
         if params is None:
             params = self.network.init(k_net, jnp.zeros((self.obs_size,), jnp.float32))
-        obs, env_state = self.core.reset_batch(k_env, env_params, self.cfg.num_envs)
+        obs, env_state = self.sharding.reset_batch(self.core, k_env, env_params, self.cfg.num_envs)
         return RunnerState(params=params, opt_state=self.tx.init(params), env_state=env_state,
                            obs=obs.astype(jnp.float32), ep_return=jnp.zeros((self.cfg.num_envs,), jnp.float32),
                            rng=rng, update=jnp.zeros((), jnp.int32),
@@ -407,11 +418,12 @@ class PPOTrainer:
             ep_info = {"episode_return": ep_ret}
             ep_info.update({name: info[k].astype(jnp.float32) for k, name in INFO_METRICS.items() if k in info})
             tr = Transition(obs=r.obs, action=action, log_prob=log_prob, value=value, reward=reward, done=done)
-            r = r.replace(env_state=env_state, obs=obs.astype(jnp.float32),
-                          ep_return=jnp.where(done, 0.0, ep_ret), rng=rng)
+            r = r.replace(rng=rng, **self.sharding.constrain(dict(
+                env_state=env_state, obs=obs.astype(jnp.float32), ep_return=jnp.where(done, 0.0, ep_ret))))
             return r, (tr, ep_info)
 
         runner, (traj, ep_info) = jax.lax.scan(env_step, runner, None, cfg.num_steps)
+        traj, ep_info = self.sharding.constrain((traj, ep_info), axis=1)  # (num_steps, num_envs, ...)
         _, last_value = self.network.apply(runner.params, runner.obs)
 
         def gae_step(carry, tr):
@@ -437,6 +449,7 @@ class PPOTrainer:
 
             def minibatch(c, mb):
                 p, o = c
+                mb = self.sharding.constrain(mb)  # rows split (when they divide): data-parallel gradient
                 (_, aux), grads = grad_fn(p, *mb)
                 upd, o = self.tx.update(grads, o, p)
                 return (optax.apply_updates(p, upd), o), aux
@@ -489,7 +502,8 @@ class PPOResult:
     """params: agent params stacked over seeds (leading axis num_seeds); metrics: {name: (num_seeds,
     num_updates) np.ndarray}; env_steps_per_s: env decisions per second (all seeds, after compilation);
     wall_s: total wall time including compilation; compile_s: compilation time; trace_counts: traces of
-    the update function (1 for a healthy run)."""
+    the update function (1 for a healthy run); devices: how many devices the env batch was split over;
+    runner: the final :class:`RunnerState` (seed axis first), left on the devices as trained (env axis split)."""
 
     params: Any
     metrics: dict
@@ -498,6 +512,8 @@ class PPOResult:
     wall_s: float
     compile_s: float = 0.0
     trace_counts: dict = dataclasses.field(default_factory=dict)
+    devices: int = 1
+    runner: Any = None
 
     def seed_params(self, i: int = 0) -> Any:
         """Params of seed ``i`` (for :func:`policy_fn` / :func:`save_policy`)."""
@@ -612,15 +628,26 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
         # added around the unbatched calls so results keep the (num_seeds, ...) layout.
         add = lambda t: jax.tree_util.tree_map(lambda x: x[None], t)
         drop = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)
-        init = jax.jit(lambda k, p, a: add(trainer.init(k[0], p, a)))
-        run = jax.jit(lambda r, p: add(trainer.run(drop(r), p, chunk)), donate_argnums=0)
+        init_f = lambda k, p, a: add(trainer.init(k[0], p, a))
+        run_f = lambda r, p: add(trainer.run(drop(r), p, chunk))
     else:
-        init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None, None)))
-        run = jax.jit(jax.vmap(lambda r, p: trainer.run(r, p, chunk), in_axes=(0, None)), donate_argnums=0)
+        init_f = jax.vmap(trainer.init, in_axes=(0, None, None))
+        run_f = jax.vmap(lambda r, p: trainer.run(r, p, chunk), in_axes=(0, None))
+    # env axis 1 (after the seed axis) of env states / observations / returns split over the devices, the rest
+    # replicated; fixed in- and out-shardings so every chunk reuses the one compiled update
+    es = trainer.sharding
+    env_params = es.put_replicated(env_params)
+    if init_params is not None:
+        init_params = es.put_replicated(init_params)
+    r_sh = es.state_shardings(jax.eval_shape(init_f, keys, env_params, init_params), RunnerState.ENV_FIELDS,
+                              axis=1)
+    init = jax.jit(init_f, out_shardings=r_sh)
+    run = jax.jit(run_f, in_shardings=(r_sh, es.replicated), out_shardings=(r_sh, es.replicated), donate_argnums=0)
     runner = init(keys, env_params, init_params)
     start = 0
     if checkpoint is not None:
         runner, start = checkpoint.restore(runner)
+        runner = jax.device_put(runner, r_sh)  # restored on the host: back onto this run's devices
         if start % chunk or start > n_up:
             raise ValueError(f"checkpoint at update {start} does not fit this run ({n_up} updates in chunks of "
                              f"{chunk}); delete {checkpoint.folder} to start over")
@@ -664,7 +691,8 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
     total_steps = (n_up - start) * cfg.batch_size * cfg.num_seeds
     return PPOResult(params=jax.device_get(runner.params), metrics=metrics, config=cfg,
                      env_steps_per_s=total_steps / max(run_s, 1e-9), wall_s=time.perf_counter() - t0,
-                     compile_s=compile_s, trace_counts=dict(trainer.trace_counts))
+                     compile_s=compile_s, trace_counts=dict(trainer.trace_counts), devices=es.size,
+                     runner=runner)
 
 
 # ---------------------------------------------------------------------------------------------- policy

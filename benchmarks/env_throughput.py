@@ -100,13 +100,14 @@ def bench(args) -> dict:
     venv.reset(seed=1)
     for _ in range(core.episode_length):
         venv.step(venv.action_space.sample())
-    traces0, cache0 = dict(core.trace_counts), _cache_size(core.jit_step_batch)
+    venv_step = core.compiled.sharded(venv.sharding)[1]  # the vector env's jitted step (env batch on its devices)
+    traces0, cache0 = dict(core.trace_counts), _cache_size(venv_step)
     t0 = time.perf_counter()
     for _ in range(args.compile_steps):
         venv.step(venv.action_space.sample())
     roll_s = time.perf_counter() - t0
     traces = {k: core.trace_counts[k] - traces0.get(k, 0) for k in core.trace_counts}
-    cache1 = _cache_size(core.jit_step_batch)
+    cache1 = _cache_size(venv_step)
     compiles = {"num_envs": n, "steps": args.compile_steps, "seconds": roll_s,
                 "traces_after_warmup": traces, "compiles_after_warmup": int(sum(traces.values())),
                 "jit_cache_growth": cache1 - cache0 if cache0 >= 0 else None}

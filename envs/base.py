@@ -59,13 +59,21 @@ class FunctionalEnv:
 
     def reset_batch(self, key: jax.Array, params: Any, num_envs: int):
         """reset for ``num_envs`` envs with keys split from ``key`` -> (obs (n, D), states)."""
+        return self.reset_batch_keys(jax.random.split(key, num_envs), params)
+
+    def reset_batch_keys(self, keys: jax.Array, params: Any):
+        """reset_batch with the per-env keys (n,) given (``qpolicy.sharding`` splits them before the device
+        split, so every env draws the same key on any number of devices)."""
         self.trace_counts["reset_batch"] += 1
-        return jax.vmap(self.reset, in_axes=(0, None))(jax.random.split(key, num_envs), params)
+        return jax.vmap(self.reset, in_axes=(0, None))(keys, params)
 
     def step_batch(self, key: jax.Array, states: Any, actions: jax.Array, params: Any):
         """Step n envs (states/actions batched on axis 0) with SAME_STEP auto-reset -> (obs, states, reward,
         terminated, truncated, info, final_obs)."""
+        return self.step_batch_keys(jax.random.split(key, actions.shape[0]), states, actions, params)
+
+    def step_batch_keys(self, keys: jax.Array, states: Any, actions: jax.Array, params: Any):
+        """step_batch with the per-env keys (n,) given (override this one to change batched stepping)."""
         self.trace_counts["step_batch"] += 1
-        keys = jax.random.split(key, actions.shape[0])
         f = lambda k, s, a: self.autoreset(k, *self.step_env(k, s, a, params), params)
         return jax.vmap(f)(keys, states, actions)

@@ -149,6 +149,19 @@ class Compiled:
         self.step_env = jax.jit(core.step_env)
         self.reset_batch = jax.jit(core.reset_batch, static_argnums=2)
         self.step_batch = jax.jit(core.step_batch)
+        self._core = core
+        self._sharded: dict = {}
+
+    def sharded(self, sharding: Any) -> tuple[Any, Any]:
+        """(reset_batch, step_batch) with the signatures of ``jit_reset_batch`` / ``jit_step_batch``, jitted with
+        the env axis 0 of inputs and outputs split over ``sharding``'s mesh (a
+        :class:`qpolicy.sharding.EnvSharding`; params replicated). One pair per mesh, shared like the rest."""
+        if sharding not in self._sharded:
+            core, out = self._core, sharding.envs(0)  # every output is batched over the envs on axis 0
+            self._sharded[sharding] = (
+                jax.jit(lambda k, p, n: sharding.reset_batch(core, k, p, n), static_argnums=2, out_shardings=out),
+                jax.jit(lambda k, s, a, p: sharding.step_batch(core, k, s, a, p), out_shardings=out))
+        return self._sharded[sharding]
 
 
 class Environment(FunctionalEnv):
@@ -313,8 +326,8 @@ class Environment(FunctionalEnv):
         return self._transition(state, action, params, None)
 
     # ------------------------------------------------------------------ batched (adapters, agents, evaluation)
-    def step_batch(self, key: jax.Array, states: EnvState, actions: jax.Array, params: EnvParams):
-        """Step n envs (states/actions batched on axis 0) with SAME_STEP auto-reset.
+    def step_batch_keys(self, keys: jax.Array, states: EnvState, actions: jax.Array, params: EnvParams):
+        """Step n envs (per-env keys (n,)) (states/actions batched on axis 0) with SAME_STEP auto-reset.
 
         Returns (obs, states, reward, terminated, truncated, info, final_obs): obs/states of the new episode
         where an env finished; ``final_obs`` the observation the finished decision produced (equal to obs
@@ -322,9 +335,8 @@ class Environment(FunctionalEnv):
         which the adapters guarantee (fixed episode length, all envs reset together); the forward then runs
         only on decisions that complete a step."""
         if not self.layerwise:
-            return super().step_batch(key, states, actions, params)
+            return super().step_batch_keys(keys, states, actions, params)
         self.trace_counts["step_batch"] += 1
-        keys = jax.random.split(key, actions.shape[0])
 
         def one(forward):
             def f(k, s, a):

@@ -11,6 +11,8 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 from gymnasium.vector.vector_env import AutoresetMode
 
+from qpolicy.sharding import env_sharding
+
 from .core import EnvParams, Environment
 from .registry import make_core
 from .spaces import to_gymnasium
@@ -107,12 +109,15 @@ class QuantDiffusionVectorEnv(gym.vector.VectorEnv):
     """``num_envs`` envs stepped in one jitted, vmapped call. Autoreset mode SAME_STEP: when an env finishes,
     the returned obs is already the next episode's; ``infos["final_obs"]`` (object array, ``_final_obs`` mask)
     holds the finishing observation and ``infos["final_info"]`` (dict of arrays with ``_`` masks) its info.
-    Top-level info arrays carry the step info of the envs that did not finish (masks ``_key``)."""
+    Top-level info arrays carry the step info of the envs that did not finish (masks ``_key``).
+
+    ``devices`` (:func:`qpolicy.sharding.env_sharding`): the env batch is split over that many local devices
+    (None: all of them when they divide num_envs, else one); env params are replicated on each."""
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
 
     def __init__(self, num_envs: int = 1, *, layerwise: bool = False, render_mode: str | None = None,
-                 **kwargs: Any):
+                 devices: int | None = None, **kwargs: Any):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
         if render_mode is not None:
@@ -120,8 +125,10 @@ class QuantDiffusionVectorEnv(gym.vector.VectorEnv):
         kwargs.pop("max_episode_steps", None)
         self.render_mode = None
         self.num_envs = int(num_envs)
+        self.sharding = env_sharding(self.num_envs, devices)  # checked before the core is built
         self.core = make_core(layerwise=layerwise, **kwargs)
-        self.params: EnvParams = self.core.default_params
+        self.params: EnvParams = self.sharding.put_replicated(self.core.default_params)
+        self._reset_batch, self._step_batch = self.core.compiled.sharded(self.sharding)
         self.single_observation_space, self.single_action_space = spaces_for(self.core)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
@@ -136,7 +143,7 @@ class QuantDiffusionVectorEnv(gym.vector.VectorEnv):
             if seed is not None:
                 self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
         self._key, k = jax.random.split(self._key)
-        obs, self._states = self.core.jit_reset_batch(k, self.params, self.num_envs)
+        obs, self._states = self._reset_batch(k, self.params, self.num_envs)
         return np.asarray(obs, np.float32), {}
 
     def step(self, actions: Any):
@@ -144,8 +151,8 @@ class QuantDiffusionVectorEnv(gym.vector.VectorEnv):
             raise RuntimeError("call reset() before step()")
         a = check_actions(self.core, actions, self.num_envs)
         self._key, k = jax.random.split(self._key)
-        obs, self._states, r, term, trunc, info, final_obs = self.core.jit_step_batch(
-            k, self._states, jnp.asarray(a), self.params)
+        obs, self._states, r, term, trunc, info, final_obs = self._step_batch(
+            k, self._states, self.sharding.put_envs(a), self.params)
         obs, r, term, trunc = (np.asarray(obs, np.float32), np.asarray(r, np.float64), np.asarray(term),
                                np.asarray(trunc))
         info = {k_: np.asarray(v) for k_, v in info.items()}

@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
+
+from qpolicy.sharding import env_sharding
 
 from .core import EnvParams
 from .gym_env import check_actions, spaces_for
@@ -17,13 +18,17 @@ class QuantDiffusionSB3VecEnv(VecEnv):
     """SB3 autoreset semantics: ``step_wait`` returns (obs, rewards, dones, infos); a finished env's obs is
     the next episode's first observation, its ``infos[i]["terminal_observation"]`` the last one, and
     ``infos[i]["TimeLimit.truncated"]`` is ``truncated and not terminated`` (always False here: episodes
-    end by termination at x_0). Every info also carries the core's step info (error, cost, ...)."""
+    end by termination at x_0). Every info also carries the core's step info (error, cost, ...).
+    ``devices``: as for :class:`qpolicy.envs.QuantDiffusionVectorEnv` (the env batch split over local devices)."""
 
-    def __init__(self, num_envs: int, *, layerwise: bool = False, seed: int | None = None, **kwargs: Any):
+    def __init__(self, num_envs: int, *, layerwise: bool = False, seed: int | None = None,
+                 devices: int | None = None, **kwargs: Any):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        self.sharding = env_sharding(int(num_envs), devices)  # checked before the core is built
         self.core = make_core(layerwise=layerwise, **kwargs)
-        self.params: EnvParams = self.core.default_params
+        self.params: EnvParams = self.sharding.put_replicated(self.core.default_params)
+        self._reset_batch, self._step_batch = self.core.compiled.sharded(self.sharding)
         obs_space, act_space = spaces_for(self.core)
         super().__init__(int(num_envs), obs_space, act_space)
         self._key = jax.random.key(0 if seed is None else int(seed))
@@ -36,7 +41,7 @@ class QuantDiffusionSB3VecEnv(VecEnv):
         self._reset_seeds()
         self._reset_options()
         self._key, k = jax.random.split(self._key)
-        obs, self._states = self.core.jit_reset_batch(k, self.params, self.num_envs)
+        obs, self._states = self._reset_batch(k, self.params, self.num_envs)
         return np.asarray(obs, np.float32)
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -46,8 +51,8 @@ class QuantDiffusionSB3VecEnv(VecEnv):
         if self._states is None:
             raise RuntimeError("call reset() before step()")
         self._key, k = jax.random.split(self._key)
-        obs, self._states, r, term, trunc, info, final_obs = self.core.jit_step_batch(
-            k, self._states, jnp.asarray(self._actions), self.params)
+        obs, self._states, r, term, trunc, info, final_obs = self._step_batch(
+            k, self._states, self.sharding.put_envs(self._actions), self.params)
         obs, r = np.asarray(obs, np.float32), np.asarray(r, np.float32)
         term, trunc = np.asarray(term), np.asarray(trunc)
         dones = term | trunc

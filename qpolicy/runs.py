@@ -102,6 +102,9 @@ class RunConfig:
 
         d = {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAINING}
         d["env"] = EnvConfig(**self.env).fingerprint_dict()
+        # the device count does not shape the policy (same results up to float rounding; checkpoints resume on
+        # any count), so a run may resume on another machine
+        d["agent_kwargs"] = {k: v for k, v in d["agent_kwargs"].items() if k != "devices"}
         return fingerprint(d)
 
 
