@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--repeats", type=_int_at_least(1), default=7, help="timed calls per layer and kernel (median)")
     la.add_argument("--bit-choices", default=None, help="comma-separated choice set (default 2,3,4,5,6,8,16,32)")
     la.add_argument("--out", default=None, help="table JSON (default <checkpoint>/latency/<device>.json)")
-    la.add_argument("--json", action="store_true")
+    la.add_argument("--json", action="store_true", help="print the table summary and the BOPs comparison as JSON")
     la.set_defaults(fn=cmd_latency)
 
     d = sub.add_parser("demo", help="the main job: train a policy on digits16, evaluate vs baselines, export")
