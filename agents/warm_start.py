@@ -90,11 +90,15 @@ def schedule_actions(core: Any, bits_w: np.ndarray, bits_a: np.ndarray) -> np.nd
     return a.astype(np.int32)
 
 
+def _head_logits(logits: jax.Array, nvec: tuple[int, ...]) -> list[jax.Array]:
+    """The per-head slices of the actor's concatenated logits (..., sum(nvec))."""
+    return jnp.split(logits, np.cumsum(nvec)[:-1], axis=-1)
+
+
 def _nll(logits: jax.Array, actions: jax.Array, nvec: tuple[int, ...], smoothing: float) -> jax.Array:
     """Mean over rows and heads of the label-smoothed cross-entropy of the actions (..., H) under the logits."""
-    heads = jnp.split(logits, np.cumsum(nvec)[:-1], axis=-1)
     loss = 0.0
-    for j, (h, n) in enumerate(zip(heads, nvec)):
+    for j, (h, n) in enumerate(zip(_head_logits(logits, nvec), nvec)):
         target = optax.smooth_labels(jax.nn.one_hot(actions[..., j], n), smoothing)
         loss = loss + optax.softmax_cross_entropy(h, target).mean()
     return loss / len(nvec)
@@ -156,7 +160,7 @@ def clone_schedule(core: Any, env_params: Any, bits_w: np.ndarray, bits_a: np.nd
 
     params, losses = fit(params)
     logits = net.apply(params, x)[0]
-    pred = jnp.stack([jnp.argmax(h, -1) for h in jnp.split(logits, np.cumsum(nvec)[:-1], axis=-1)], -1)
+    pred = jnp.stack([jnp.argmax(h, -1) for h in _head_logits(logits, nvec)], -1)
     acc = float(jnp.mean(pred == y))
     return params, {"accuracy": acc, "loss": float(losses[-1]), "rows": int(D * episodes), "epochs": int(epochs)}
 
