@@ -55,6 +55,8 @@ sqrt_abar           1             sqrt(ᾱ_{t_i}): the signal level of x_t (a sa
 x_mean, x_std       1, 1          per-image mean / std of x_t, averaged over the env's images
 x_absmax            1             per-image max |x_t|, averaged over the env's images
 thumb[y,x,c]        s·s·C         s×s average pool of x_t (s = thumb_size), averaged over images
+label[k], guidance  K + 1         conditional models only: the request (label one-hot, guidance scale
+                                  / max scale; qpolicy.conditioning), averaged over images
 (layer-wise only)
 layer_frac          1             ℓ / L of the layer being decided
 kind[k]             6             one-hot of the layer kind (dense, conv, conv_transpose,
@@ -86,6 +88,8 @@ from qpolicy.metrics import fd_proxy
 
 from .base import FunctionalEnv
 from .config import REWARD_MODES, EnvConfig
+from qpolicy.conditioning import request_features
+
 from .observation import bits_feature, image_block, layer_features, obs_names
 from .spaces import Box, Discrete, MultiDiscrete
 
@@ -226,8 +230,10 @@ class Environment(FunctionalEnv):
 
     def obs_spec(self) -> list[str]:
         """Names of the observation's entries, in order (see the module doc table)."""
+        cond = self.engine.den.conditioning
         return obs_names(image_channels=self.engine.image_shape[-1], thumb_size=self.config.thumb_size,
-                         num_layers=self.L, tied=self.tied, layerwise=self.layerwise)
+                         num_layers=self.L, tied=self.tied, layerwise=self.layerwise,
+                         request_names=cond.feature_names() if cond is not None else ())
 
     @property
     def obs_size(self) -> int:
@@ -240,6 +246,8 @@ class Environment(FunctionalEnv):
         tf = self._t_frac[j]
         time = jnp.stack([state.i / self.T, tf, jnp.sin(jnp.pi * tf), jnp.cos(jnp.pi * tf), self._sqrt_abar[j]])
         parts = [time, image_block(state.x, self.config.thumb_size)]
+        if self.engine.den.conditioning is not None:  # what the sampler was asked for: deployable
+            parts.append(request_features(self.engine.den.conditioning, params.bank_keys[state.idx]))
         if self.layerwise:
             parts.append(self._layer_feats[jnp.minimum(state.layer, self.L - 1)])
             parts.append(bits_feature(state.cur_w, self._log2_choices))

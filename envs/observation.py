@@ -39,11 +39,14 @@ def layer_features(layers: Sequence[LayerInfo]) -> np.ndarray:
     return np.stack(rows)
 
 
-def obs_names(*, image_channels: int, thumb_size: int, num_layers: int, tied: bool, layerwise: bool) -> list[str]:
-    """Names of the observation's entries, in order."""
+def obs_names(*, image_channels: int, thumb_size: int, num_layers: int, tied: bool, layerwise: bool,
+              request_names: Sequence[str] = ()) -> list[str]:
+    """Names of the observation's entries, in order; ``request_names``: a conditional model's request block
+    (qpolicy.conditioning.Conditioning.feature_names: label one-hot and guidance scale), after the thumbnail."""
     s, L = thumb_size, num_layers
     names = [*TIME_NAMES, *STAT_NAMES]
     names += [f"thumb[{y},{x},{c}]" for y in range(s) for x in range(s) for c in range(image_channels)]
+    names += list(request_names)
     groups = ("w",) if tied else ("w", "a")
     if layerwise:
         names += ["layer_frac", *[f"kind[{k}]" for k in KINDS], "log_macs", "log_params",

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .diffusion import Schedule, schedule_from_dict
+from .conditioning import Conditioning, guided_eps
 from .io import atomic_write_json, load_pytree, read_json, save_pytree
 from .layers import LayerInfo, layer_hash, trace_layers
 from .models import UNet, UNetConfig
@@ -38,6 +39,9 @@ class Denoiser:
     schedule: the forward-process schedule it was trained with. image_shape: (H, W, C).
     name: model id (shipped name or folder name). layers: the quantizable-layer registry.
     metadata: the checkpoint's meta.json contents (or what ``wrap_denoiser`` was told).
+    conditioning: a class-conditional model's request space (labels, guidance scales; see qpolicy.conditioning):
+        its module is called ``module.apply(variables, x, t, y)`` and sampled with classifier-free guidance, each
+        image's request drawn from its key. None: an unconditional model.
     """
 
     module: nn.Module
@@ -47,6 +51,7 @@ class Denoiser:
     name: str
     layers: tuple[LayerInfo, ...]
     metadata: dict = dataclasses.field(default_factory=dict)
+    conditioning: Conditioning | None = None
 
     @property
     def params(self) -> Any:
@@ -60,12 +65,16 @@ class Denoiser:
     def dataset(self) -> str | None:
         return self.metadata.get("dataset")
 
-    def apply(self, params: Any, x: jax.Array, t: jax.Array) -> jax.Array:
-        """eps = model(x, t) with ``params`` in place of the stored params collection."""
-        return self.module.apply({**self.variables, "params": params}, x, t)
+    def apply(self, params: Any, x: jax.Array, t: jax.Array, keys: jax.Array | None = None) -> jax.Array:
+        """eps = model(x, t) with ``params`` in place of the stored params collection; a conditional model needs
+        the images' keys (B,) (their requests) and returns the classifier-free guided eps."""
+        v = {**self.variables, "params": params}
+        if self.conditioning is None:
+            return self.module.apply(v, x, t)
+        return guided_eps(lambda x2, t2, y2: self.module.apply(v, x2, t2, y2), self.conditioning, x, t, keys)
 
-    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
-        return self.apply(self.params, x, t)
+    def __call__(self, x: jax.Array, t: jax.Array, keys: jax.Array | None = None) -> jax.Array:
+        return self.apply(self.params, x, t, keys)
 
 
 def _validate_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -76,10 +85,15 @@ def _validate_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def wrap_denoiser(module: nn.Module, params: Any, *, image_shape: Sequence[int], schedule: Schedule,
-                  name: str = "custom", metadata: dict | None = None) -> Denoiser:
+                  name: str = "custom", metadata: dict | None = None,
+                  conditioning: Conditioning | None = None) -> Denoiser:
     """Turn a user's own linen module (``module.apply(variables, x, t) -> eps``) into a :class:`Denoiser`.
 
-    ``params`` may be the full variables dict (with a ``params`` key) or the params collection."""
+    ``params`` may be the full variables dict (with a ``params`` key) or the params collection. With
+    ``conditioning`` the module is class-conditional: ``module.apply(variables, x, t, y)``, y (B,) int labels, label
+    ``conditioning.num_classes`` = unconditional (see qpolicy.conditioning)."""
+    if conditioning is not None and not isinstance(conditioning, Conditioning):
+        raise TypeError(f"conditioning must be a qpolicy.conditioning.Conditioning, got {type(conditioning).__name__}")
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a flax.linen.Module, got {type(module).__name__}")
     if not isinstance(schedule, Schedule):
@@ -96,8 +110,16 @@ def wrap_denoiser(module: nn.Module, params: Any, *, image_shape: Sequence[int],
     layers = trace_layers(module, variables, shape)
     meta = {"name": name, "image_shape": list(shape), "schedule": schedule.to_dict(),
             "layer_hash": layer_hash(layers), **(metadata or {})}
+    if conditioning is not None:
+        meta["conditioning"] = conditioning.to_dict()
+        y = jnp.full((1,), conditioning.null_label, jnp.int32)
+        try:
+            jax.eval_shape(lambda v: module.apply(v, x, jnp.zeros((1,), jnp.int32), y), variables)
+        except Exception as e:
+            raise ValueError(f"a conditional module must accept module.apply(variables, x, t, y); it failed: {e}") \
+                from e
     return Denoiser(module=module, variables=variables, schedule=schedule, image_shape=shape, name=name,
-                    layers=layers, metadata=meta)
+                    layers=layers, metadata=meta, conditioning=conditioning)
 
 
 def available_models() -> list[str]:
@@ -144,9 +166,14 @@ def load_denoiser(name_or_path: str | Path = DEFAULT_MODEL) -> Denoiser:
         raise ValueError(f"{d / 'weights.msgpack'} holds NaN or inf in {len(bad)} tensor(s), first {bad[0]}; every "
                          "weight must be finite (retrain or restore the checkpoint)")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    cond = meta.get("conditioning")
+    cond = None if cond is None else Conditioning.from_dict(cond, where=f"{d / 'meta.json'}: field 'conditioning'")
+    if (cond is not None) != bool(module.cfg.num_classes) or (cond and cond.num_classes != module.cfg.num_classes):
+        raise ValueError(f"{d / 'meta.json'}: field 'conditioning' ({None if cond is None else cond.num_classes} "
+                         f"classes) does not match model_config.num_classes ({module.cfg.num_classes})")
     den = wrap_denoiser(module, {"params": params}, image_shape=meta["image_shape"],
                         schedule=schedule_from_dict(meta["schedule"]), name=meta.get("name", d.name),
-                        metadata={**meta, "checkpoint_dir": str(d.resolve())})
+                        metadata={**meta, "checkpoint_dir": str(d.resolve())}, conditioning=cond)
     if meta.get("layer_hash") and meta["layer_hash"] != den.layer_hash:
         raise ValueError(f"{d}: layer-list hash {den.layer_hash} differs from the recorded {meta['layer_hash']}; "
                          "the checkpoint does not match this version of the model code")
@@ -181,7 +208,8 @@ def generate(den: Denoiser, n: int, *, steps: int = 20, sampler: str = "ddim", e
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     smp = make_sampler(den.schedule, sampler, steps, eta=eta)
-    run = jax.jit(lambda params, keys: sample(lambda x, t, i: den.apply(params, x, t), smp, keys, den.image_shape))
+    run = jax.jit(lambda params, keys: sample(lambda x, t, i: den.apply(params, x, t, keys), smp, keys,
+                                              den.image_shape))
     keys = image_keys(seed, n)
     out = []
     for s in tqdm(range(0, n, batch_size), desc="sample", disable=not progress):
@@ -193,6 +221,9 @@ def generate(den: Denoiser, n: int, *, steps: int = 20, sampler: str = "ddim", e
 
 
 def weights_hash(den: Denoiser) -> str:
-    """A short hash of the denoiser's weights (first 4 kB of each leaf): keys caches by checkpoint."""
+    """A short hash of the denoiser's weights (first 4 kB of each leaf) and, for a conditional model, its requests
+    (labels, guidance scales): keys caches by checkpoint."""
     h = hashlib.sha256(b"".join(np.asarray(l).tobytes()[:4096] for l in jax.tree_util.tree_leaves(den.params)))
+    if den.conditioning is not None:
+        h.update(repr(sorted(den.conditioning.to_dict().items())).encode())
     return h.hexdigest()[:8]

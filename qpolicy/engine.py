@@ -474,19 +474,21 @@ class QuantEngine:
             return y if s is None else jnp.where(bits_a[l] >= 32, a, y * s)
         return fn
 
-    def eps(self, x: jax.Array, i: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
-        """Quantized eps at sampler step i for x (B, H, W, C), with (L,) bits."""
+    def eps(self, x: jax.Array, i: jax.Array, bits_w: jax.Array, bits_a: jax.Array, keys: jax.Array | None = None
+            ) -> jax.Array:
+        """Quantized eps at sampler step i for x (B, H, W, C), with (L,) bits; ``keys`` (B,): the images' keys (a
+        conditional model's requests; both guidance branches are quantized with the same bits)."""
         t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
         with nn.intercept_methods(activation_interceptor(self.den.layers, self.act_quant_fn(i, bits_a, bits_w))):
-            return self.den.apply(self.quantize_params(bits_w, i), x, t)
+            return self.den.apply(self.quantize_params(bits_w, i), x, t, keys)
 
     def step(self, x: jax.Array, i: jax.Array, keys: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
         """One quantized reverse step x_i -> x_{i+1} (B images, per-image keys (B,))."""
-        return sampler_step(self.sampler, x, self.eps(x, i, bits_w, bits_a), i, keys)
+        return sampler_step(self.sampler, x, self.eps(x, i, bits_w, bits_a, keys), i, keys)
 
     def fp_step(self, x: jax.Array, i: jax.Array, keys: jax.Array) -> jax.Array:
         t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
-        return sampler_step(self.sampler, x, self.den(x, t), i, keys)
+        return sampler_step(self.sampler, x, self.den(x, t, keys), i, keys)
 
     def initial(self, keys: jax.Array) -> jax.Array:
         return image_noise(keys, 0, self.image_shape)

@@ -153,7 +153,7 @@ def run_sampler(engine: QuantEngine, bank: ReferenceBank, bits_w: np.ndarray, bi
         rec: dict[int, jax.Array] = {}
         t = jnp.full((x.shape[0],), engine.sampler.timesteps[i], jnp.int32)
         with nn.intercept_methods(_interceptor(engine, i, bw, ba, rec, use_int)):
-            eps = engine.den.apply(engine.quantize_params(bw, i), x, t)
+            eps = engine.den.apply(engine.quantize_params(bw, i), x, t, keys)
         stats = jnp.stack([rec.get(l, jnp.zeros(3)) for l in range(L)])
         return sampler_step(engine.sampler, x, eps, i, keys), stats
 

@@ -28,6 +28,8 @@ class UNetConfig:
     attn_resolutions: feature-map sizes (pixels) at which self-attention follows each block.
     dropout: dropout rate inside ResBlocks (training only).
     num_groups: GroupNorm groups (must divide every level's channel count).
+    num_classes: class labels of a conditional model (0 = unconditional); label num_classes is the null label,
+        embedded and added to the time embedding (``label`` nn.Embed: not a quantizable layer).
     """
 
     image_size: int = 16
@@ -38,6 +40,7 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (8,)
     dropout: float = 0.0
     num_groups: int = 8
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
@@ -52,6 +55,8 @@ class UNetConfig:
         if self.image_size % down:
             raise ValueError(
                 f"UNetConfig.image_size={self.image_size} must be divisible by 2**(len(channel_mults)-1)={down}")
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise ValueError(f"UNetConfig.num_classes must be 0 (unconditional) or >= 2, got {self.num_classes}")
         if self.num_res_blocks < 1:
             raise ValueError(f"UNetConfig.num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if not 0.0 <= self.dropout < 1.0:
@@ -66,6 +71,8 @@ class UNetConfig:
         d = dataclasses.asdict(self)
         d["channel_mults"] = list(self.channel_mults)
         d["attn_resolutions"] = list(self.attn_resolutions)
+        if not self.num_classes:  # unconditional checkpoints keep the config they were written with
+            del d["num_classes"]
         return d
 
     @classmethod
@@ -210,15 +217,19 @@ class TimeEmbed(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps-prediction U-Net. ``__call__(x (B,H,W,C), t (B,), train=False) -> eps (B,H,W,C)``."""
+    """eps-prediction U-Net. ``__call__(x (B,H,W,C), t (B,), y=None, train=False) -> eps (B,H,W,C)``; ``y`` (B,)
+    class labels of a conditional model (``cfg.num_classes`` > 0; None or ``num_classes`` = the null label)."""
 
     cfg: UNetConfig
 
     @nn.compact
-    def __call__(self, x, t, train: bool = False):
+    def __call__(self, x, t, y=None, train: bool = False):
         cfg = self.cfg
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
         temb = TimeEmbed(cfg.base_channels, name="time")(t)
+        if cfg.num_classes:
+            y = jnp.full((x.shape[0],), cfg.num_classes, jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
+            temb = temb + nn.Embed(cfg.num_classes + 1, temb.shape[-1], name="label")(y)
         h = nn.Conv(cfg.base_channels, (3, 3), name="conv_in")(x)
         skips = [h]
         for i in range(len(cfg.channel_mults)):

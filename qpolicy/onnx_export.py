@@ -173,6 +173,10 @@ def convert(den: Denoiser, batch: int) -> tuple[Any, OnnxNameMap]:
     """(onnx.ModelProto, OnnxNameMap) of ``eps = den(x, t)`` at a fixed batch size."""
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int (the ONNX model's fixed batch size), got {batch!r}")
+    if den.conditioning is not None:
+        raise ValueError(f"model {den.name!r} is class-conditional (classifier-free guidance over two branches); "
+                         "ONNX export and the onnxruntime runtime take unconditional denoisers only (export its "
+                         "schedules with --format json, csv, modelopt or qwix instead)")
     jax2onnx = _require("jax2onnx")
     _require("onnx")
     params = den.params

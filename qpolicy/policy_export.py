@@ -53,11 +53,13 @@ def export_policy_onnx(policy_dir: str | os.PathLike, out_dir: str | os.PathLike
     tied = bool(env.get("tie_weights_activations", True))
     den = load_denoiser(env["model"])
     names = obs_names(image_channels=den.image_shape[-1], thumb_size=int(env["thumb_size"]),
-                      num_layers=len(den.layers), tied=tied, layerwise=layerwise)
+                      num_layers=len(den.layers), tied=tied, layerwise=layerwise,
+                      request_names=den.conditioning.feature_names() if den.conditioning is not None else ())
     if len(names) != D:
         raise ValueError(f"the policy's obs_size {D} does not match the observation layout of its env config "
                          f"({len(names)} entries)")
     recipe = {"format": "qpolicy-policy-observation", "obs_size": D, "obs_names": names, "env_config": env,
+              "conditioning": den.conditioning.to_dict() if den.conditioning is not None else None,
               "layers": [l.path for l in den.layers], "layerwise": layerwise, "tied_weights_activations": tied,
               "definitions": "qpolicy.envs.core module docstring (every entry); qpolicy.envs.observation (code)",
               "action": {"heads": list(nvec), "bits": "bits = bit_choices[action]; per-step env: one head per layer "

@@ -46,7 +46,7 @@ def fp_layer_stats(den: Denoiser, sampler: Sampler, stat: Callable[[int, jax.Arr
 
         t = jnp.full((x.shape[0],), sampler.timesteps[i], jnp.int32)
         with nn.intercept_methods(activation_interceptor(den.layers, fn)):
-            eps = den(x, t)
+            eps = den(x, t, keys)
         return sampler_step(sampler, x, eps, i, keys), [rec[l] for l in wanted]
 
     @jax.jit
@@ -113,7 +113,7 @@ def input_splits(den: Denoiser) -> dict[int, tuple[int, ...]]:
     def tagged(x, t):
         tag = lambda l, a: checkpoint_name(a, f"qpolicy_layer_{l}")
         with nn.intercept_methods(activation_interceptor(den.layers, tag)):
-            return den(x, t)
+            return den(x, t, image_keys(0, 1))
 
     closed = jax.make_jaxpr(tagged)(jnp.zeros((1, *den.image_shape), jnp.float32), jnp.zeros((1,), jnp.int32))
     out: dict[int, tuple[int, ...]] = {}

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .data import load_dataset
 from .denoiser import save_checkpoint
 from .diffusion import SCHEDULES, eps_loss, make_schedule
+from .conditioning import DEFAULT_GUIDANCE_SCALES, Conditioning, check_labels
 from .io import atomic_write_bytes, load_pytree
 from .models import PRESETS, UNet, preset_config
 from .config import check
@@ -48,6 +49,12 @@ class TrainConfig:
     name: model name recorded in the checkpoint (default: the folder name).
     time_limit_s: stop early (and save) once this much wall time has passed.
     init_from: checkpoint folder whose weights start params and EMA (fine-tune; fresh optimizer).
+    conditional: train a class-conditional model on the dataset's labels (classifier-free guidance; every image
+        needs a label); the checkpoint records its requests (qpolicy.conditioning).
+    label_dropout: with conditional, the fraction of training images whose label is replaced by the null label (the
+        unconditional branch guidance needs).
+    guidance_scales: with conditional, the guidance scales a sampling request draws from (recorded in the
+        checkpoint).
     """
 
     data: str
@@ -71,6 +78,9 @@ class TrainConfig:
     name: str | None = None
     time_limit_s: float | None = None
     init_from: str | None = None
+    conditional: bool = False
+    label_dropout: float = 0.1
+    guidance_scales: tuple[float, ...] = DEFAULT_GUIDANCE_SCALES
 
     def __post_init__(self) -> None:
         put = lambda name, **rule: object.__setattr__(self, name, check(name, getattr(self, name), **rule))
@@ -90,17 +100,27 @@ class TrainConfig:
         put("weights_dtype", kind="choice", choices=("float32", "float16"))
         put("data", kind="str")
         put("out", kind="str")
+        put("conditional", kind="bool")
+        put("label_dropout", kind="real", lo=0, hi=1, hi_open=True)
+        if self.conditional:  # validates the scales (a clear error naming the field)
+            Conditioning(num_classes=2, guidance_scales=self.guidance_scales)
 
     def fingerprint(self) -> str:
         """Hash of the fields that shape the training trajectory (a resume must match it; steps, out, logging and
         checkpoint cadence may change)."""
         from .rundir import fingerprint
 
-        return fingerprint({k: v for k, v in dataclasses.asdict(self).items() if k not in _FREE_ON_RESUME})
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _FREE_ON_RESUME}
+        for k in _LATER_FIELDS:  # added later: at their defaults they leave older fingerprints as they were
+            if d[k] == getattr(TrainConfig, k):
+                del d[k]
+        return fingerprint(d)
 
 
 #: TrainConfig fields a resumed training may change
 _FREE_ON_RESUME = ("steps", "out", "wandb", "ckpt_every", "log_every", "time_limit_s", "name", "weights_dtype")
+#: fields added after the fingerprint's first version
+_LATER_FIELDS = ("conditional", "label_dropout", "guidance_scales")
 
 
 def _check_resume(out: Path, cfg: TrainConfig) -> None:
@@ -142,6 +162,15 @@ def _train_denoiser(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
     ds = load_dataset(cfg.data, "train")
     h, w, c = ds.image_shape
     overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    cond = None
+    if cfg.conditional:
+        if ds.num_classes < 2:
+            raise ValueError(f"conditional=True needs a labelled dataset with >= 2 classes; {cfg.data!r} has "
+                             f"{ds.num_classes}")
+        check_labels(ds.labels, ds.num_classes, cfg.data)
+        cond = Conditioning(num_classes=ds.num_classes, guidance_scales=cfg.guidance_scales,
+                            label_names=tuple(ds.class_names) if getattr(ds, "class_names", None) else None)
+        overrides["num_classes"] = ds.num_classes
     mcfg = preset_config(cfg.preset, image_size=h, in_channels=c, **overrides)
     if h != w:
         raise ValueError(f"dataset {cfg.data!r} has non-square images {ds.image_shape}; the U-Net needs H == W")
@@ -175,17 +204,21 @@ def _train_denoiser(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
         return {"steps": start, "first_loss": None, "last_loss": None, "wall_s": 0.0, "out": str(out),
                 "already_complete": True}
     data = jnp.asarray(ds.images)
+    labels = jnp.asarray(np.maximum(ds.labels, 0), jnp.int32)
 
-    def loss_fn(p, x, k):
-        kd, kl = jax.random.split(k)
-        eps_fn = lambda xt, t: model.apply({"params": p}, xt, t, train=True, rngs={"dropout": kd})
+    def loss_fn(p, x, y, k):
+        kd, kl, ky = jax.random.split(k, 3)
+        if cond is not None:  # label dropout: the unconditional branch of classifier-free guidance
+            y = jnp.where(jax.random.uniform(ky, y.shape) < cfg.label_dropout, cond.null_label, y)
+        yk = {"y": y} if cond is not None else {}
+        eps_fn = lambda xt, t: model.apply({"params": p}, xt, t, train=True, rngs={"dropout": kd}, **yk)
         return eps_loss(eps_fn, schedule, x, kl)
 
     def one_step(carry, _):
         p, ema, opt, k = carry
         k, kb, kl = jax.random.split(k, 3)
-        x = data[jax.random.randint(kb, (cfg.batch_size,), 0, data.shape[0])]
-        loss, g = jax.value_and_grad(loss_fn)(p, x, kl)
+        pick = jax.random.randint(kb, (cfg.batch_size,), 0, data.shape[0])
+        loss, g = jax.value_and_grad(loss_fn)(p, data[pick], labels[pick], kl)
         upd, opt = tx.update(g, opt, p)
         p = optax.apply_updates(p, upd)
         ema = jax.tree_util.tree_map(lambda e, q: cfg.ema_decay * e + (1 - cfg.ema_decay) * q, ema, p)
@@ -222,9 +255,12 @@ def _train_denoiser(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
                       "preset": cfg.preset, "seed": cfg.seed, "wall_s": round(time.time() - t0, 1),
                       "machine": f"{platform.node()} {jax.devices()[0].device_kind}", "final_loss": last_loss,
                       "complete": final and step >= cfg.steps, "fingerprint": cfg.fingerprint()}
+        if cond is not None:
+            train_info.update(conditional=True, label_dropout=cfg.label_dropout)
         save_checkpoint(out, module=model, params=ema, schedule=schedule, dataset=cfg.data,
                         image_shape=ds.image_shape, train=train_info, name=cfg.name or out.name,
-                        weights_dtype=cfg.weights_dtype)
+                        weights_dtype=cfg.weights_dtype,
+                        extra={"conditioning": cond.to_dict()} if cond is not None else None)
 
     try:
         while step < cfg.steps:
