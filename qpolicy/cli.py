@@ -319,6 +319,14 @@ def cmd_calibrate(a) -> int:
     return 0
 
 
+def cmd_profiles(a) -> int:
+    """Find K precision profiles (sensitivity ILP at budgets around the target) for an env config; write the file."""
+    from .profiles import profiles_cli
+
+    _print_json(profiles_cli(a)) if a.json else print("\n".join(profiles_cli(a, lines=True)))
+    return 0
+
+
 def cmd_latency(a) -> int:
     """Measure the per-(layer, b_w, b_a) latency table on this device; store it with the model (or --out)."""
     from .bits import DEFAULT_BIT_CHOICES, check_choices
@@ -549,6 +557,20 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--out", default=None, help="table JSON (default <checkpoint>/latency/<device>.json)")
     la.add_argument("--json", action="store_true", help="print the table summary and the BOPs comparison as JSON")
     la.set_defaults(fn=cmd_latency)
+
+    pr = sub.add_parser("profiles", help="find K precision profiles (per-layer bits; sensitivity ILP at budgets "
+                                         "around the target) for env.action_space 'profiles'; write the JSON file")
+    pr.add_argument("--config", default=None, help="YAML run config whose env fields to use (else the defaults)")
+    pr.add_argument("--set", action="append", help="override an env field: key=value (e.g. env.num_steps=5)")
+    pr.add_argument("--model", default=None, help="shipped model name or checkpoint folder (env.model)")
+    pr.add_argument("--budget", type=float, default=None, help="target cost_rel_fp32 the budgets spread around "
+                                                               "(env.budget; 0.0625 = uniform W8A8)")
+    pr.add_argument("--num-profiles", type=_int_at_least(1), default=None, help="K (env.num_profiles, default 4)")
+    pr.add_argument("--spread", type=float, default=None, help="ratio between neighbouring budgets "
+                                                               "(env.profile_spread, default 2)")
+    pr.add_argument("--out", required=True, help="profiles JSON file to write (atomically)")
+    pr.add_argument("--json", action="store_true", help="print the profiles summary as JSON")
+    pr.set_defaults(fn=cmd_profiles)
 
     d = sub.add_parser("demo", help="the main job: train a policy on digits16, evaluate vs baselines, export")
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "experiments" / "configs"
