@@ -287,6 +287,21 @@ def cmd_deploy_onnx(a) -> int:
     from .ort_runtime import deploy
     from .schedule import BitSchedule
 
+    if (a.run is None) == (a.schedule is None):
+        raise ValueError("give --schedule FILE (a static schedule) or --run DIR (a profile-mode run), not both")
+    if a.run is not None:  # per-input switching among K profile variants, picked by the policy network
+        from .profile_runtime import deploy_run
+
+        out = Path(a.out) if a.out else Path("out") / "deploy_onnx" / Path(a.run).name
+        r = deploy_run(a.run, out, n=a.n, threads=a.threads, calib_n=a.calib_n)
+        if a.json:
+            print(json.dumps(r, indent=1))
+        else:
+            print(f"onnxruntime, {r['n']} images in {r['groups']} groups, {r['num_profiles']} profile variants in "
+                  f"{out}; profile use {r['profile_counts']}")
+            print(f"final_error {r['final_error']:.4g} (vs FP sampler); final_error_vs_simulation "
+                  f"{r['final_error_vs_simulation']:.4g}; mean cost_rel_fp32 {r['mean_cost_rel_fp32']:.4g}")
+        return 0
     sched = BitSchedule.load(a.schedule)
     den = load_denoiser(a.model or sched.model_id)
     out = Path(a.out) if a.out else Path("out") / "deploy_onnx" / Path(a.schedule).stem
@@ -526,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                              required=True)
     do = dp.add_parser("onnx", help="onnxruntime: one QDQ model per schedule segment, switched per sampler step; "
                                     "reports its error vs the FP sampler and vs qpolicy's simulation")
-    do.add_argument("--schedule", required=True, help="a BitSchedule JSON (e.g. a run's learned_mean_schedule.json)")
+    do.add_argument("--schedule", default=None, help="a BitSchedule JSON (e.g. a run's learned_mean_schedule.json)")
+    do.add_argument("--run", default=None, help="a run trained with env.action_space profiles: K profile variants, "
+                                                "one picked per input group and step by the exported policy")
     do.add_argument("--model", default=None, help="shipped model or checkpoint folder (default: the schedule's)")
     do.add_argument("--n", type=int, default=16, help="images (the ONNX models' fixed batch size)")
     do.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")

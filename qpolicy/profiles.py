@@ -192,7 +192,10 @@ def profiles_from_dict(d: Any, *, source: str = "profiles", layer_names: Sequenc
                                "distinct (a duplicate is an action that means the same thing twice)")
         seen[key] = k
     search = d.get("search") if isinstance(d.get("search"), dict) else {}
-    return Profiles(bits_w=bw_a, bits_a=ba_a, model_id=d["model_id"], layer_hash=d["layer_hash"],
+    costs = [p.get("cost_rel_fp32") for p in profs]
+    costs = tuple(float(c) for c in costs) if all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                  for c in costs) else None
+    return Profiles(bits_w=bw_a, bits_a=ba_a, costs=costs, model_id=d["model_id"], layer_hash=d["layer_hash"],
                     layer_names=tuple(names), bit_choices=choices, tied=bool(tied if tied is not None else ftied),
                     budgets=tuple(budgets), source=str(d.get("source", "file")), search=search)
 

@@ -247,7 +247,7 @@ def test_profile_run_learns_cheapest_and_evaluates(tmp_path, tiny_denoiser, pfil
     every step; the run records its profiles, evaluates (schedules are (S, L) bits) and exports its schedule."""
     from qpolicy.denoiser import save_checkpoint
     from qpolicy.evaluation import evaluate_run
-    from qpolicy.runs import export_run, train
+    from qpolicy.runs import export_run, load_run, train
     from qpolicy.schedule import BitSchedule
 
     ck = save_checkpoint(tmp_path / "ck", module=tiny_denoiser.module, params=tiny_denoiser.params,
@@ -258,12 +258,33 @@ def test_profile_run_learns_cheapest_and_evaluates(tmp_path, tiny_denoiser, pfil
     assert load_profiles(run / PROFILES_FILE).same_bits(load_profiles(pfile))
     meta = json.loads((run / "policy" / "policy.json").read_text())["meta"]
     assert meta["action_nvec"] == [] and meta["num_choices"] == 3 and len(meta["profiles"]["profiles"]) == 3
-    res = evaluate_run(run, baselines="uniform", progress=False, with_fd=False)
+    res = evaluate_run(run, baselines="none", progress=False, with_fd=False)
     learned = res["policies"][0]
     assert learned["mean_bits_w"] == pytest.approx(4.0)  # the cheapest profile at every step
     sched = BitSchedule.load(run / "eval" / "learned_mean_schedule.json")
     assert sched.bits_w.shape == (2, len(tiny_denoiser.layers)) and set(np.unique(sched.bits_w)) == {4}
     assert export_run(run, "csv", tmp_path / "s.csv")[0].exists()
+    # deployment: K onnxruntime variants, one picked per input group and step (the policy, or a fixed plan that
+    # switches every step); ORT equals qpolicy's simulation of the chosen per-group schedules
+    from conftest import require
+
+    require("onnxruntime"), require("jax2onnx")
+    from qpolicy.profile_runtime import deploy_run
+
+    dep = deploy_run(run, tmp_path / "dep", n=4)
+    assert dep["groups"] == 2 and dep["choices"] == [[0, 0], [0, 0]] and dep["profile_counts"] == [4, 0, 0]
+    assert all(v["layers_matching"] == v["layers"] for v in dep["variants"])
+    assert dep["final_error_vs_simulation"] < 1e-4 * max(dep["final_error"], 1e-6) + 1e-8
+    sw = deploy_run(run, tmp_path / "dep2", n=2, pick=lambda obs, i: (i + 1) % 3)
+    assert sw["choices"] == [[1, 2]] and sw["final_error_vs_simulation"] < 1e-6
+    import onnxruntime as ort
+
+    _, act = load_run(run)
+    sess = ort.InferenceSession(str(tmp_path / "dep" / "policy" / "policy.onnx"))
+    obs = np.random.default_rng(0).normal(size=(1, meta["obs_size"])).astype(np.float32)
+    a, bits = sess.run(None, {"obs": obs})
+    assert int(a.reshape(-1)[0]) == int(np.asarray(act(obs)).reshape(-1)[0])
+    np.testing.assert_array_equal(bits[0], load_profiles(pfile).bits_w[int(a.reshape(-1)[0])])
     # a changed profiles file under a trained run is refused, naming the recorded profiles
     L = len(tiny_denoiser.layers)
     _profiles(tiny_denoiser, [[8] * L, [4] * L, [32] * L]).save(pfile.parent / "p.json")
