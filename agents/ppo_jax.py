@@ -233,6 +233,9 @@ def core_meta(core: Any) -> dict:
             env[f.name] = list(v) if isinstance(v, tuple) else (v if isinstance(v, (int, float, str, bool))
                                                                  or v is None else str(v))
         meta["env_config"] = env
+    prof = getattr(core, "profiles", None)
+    if prof is not None:  # action_space 'profiles': what each action means travels with the policy
+        meta["profiles"] = prof.to_dict()
     return meta
 
 

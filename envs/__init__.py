@@ -18,7 +18,8 @@ from .config import REWARD_MODES, EnvConfig
 from .core import EnvParams, EnvState, Environment, QuantDiffusionCore, QuantDiffusionLayerwiseCore
 from .gym_env import (QuantDiffusionEnv, QuantDiffusionVectorEnv, make_layerwise_env, make_layerwise_vector_env,
                       spaces_for)
-from .registry import make_core
+from .profiles import QuantDiffusionProfileCore
+from .registry import make_core, profiles_of
 from .sb3 import QuantDiffusionSB3VecEnv, make_sb3_vec_env
 from .spaces import Box, Discrete, MultiDiscrete
 
@@ -42,6 +43,6 @@ _register()
 __all__ = [
     "ENV_ID", "LAYERWISE_ENV_ID", "REWARD_MODES", "Box", "Discrete", "EnvConfig", "EnvParams", "EnvState",
     "Environment", "MultiDiscrete", "QuantDiffusionCore",
-    "QuantDiffusionLayerwiseCore", "QuantDiffusionEnv", "QuantDiffusionVectorEnv", "QuantDiffusionSB3VecEnv",
-    "make_core", "make_sb3_vec_env", "make_layerwise_env", "make_layerwise_vector_env", "spaces_for",
+    "QuantDiffusionLayerwiseCore", "QuantDiffusionProfileCore", "QuantDiffusionEnv", "QuantDiffusionVectorEnv", "QuantDiffusionSB3VecEnv",
+    "make_core", "profiles_of", "make_sb3_vec_env", "make_layerwise_env", "make_layerwise_vector_env", "spaces_for",
 ]

@@ -14,9 +14,12 @@ from qpolicy.quant import ACT_RANGE_MODES
 REWARD_MODES = ("delta", "terminal", "budget")
 SAMPLERS = ("ddim", "ddpm")
 COST_MODES = ("bops", "latency")
+ACTION_SPACES = ("bits", "profiles")
 #: fields added after the run fingerprint's first version: a run config's fingerprint includes them only when they
 #: differ from their defaults, so the fingerprints of existing runs (and the policies carrying them) stay valid
-LATER_FIELDS = ("cost", "latency_table")
+LATER_FIELDS = ("cost", "latency_table", "action_space", "profiles", "num_profiles", "profile_spread")
+#: the fields of the profile action space (they shape the env's actions, never its engine)
+PROFILE_FIELDS = ("action_space", "profiles", "num_profiles", "profile_spread")
 ENV_BANKS = ("train", "eval")
 
 
@@ -48,6 +51,13 @@ class EnvConfig:
         qpolicy.latency; reward, budgets, baselines and summaries all price schedules by it).
     latency_table: path of the latency table JSON (cost "latency"); null = the one stored with the model for this
         device (<checkpoint>/latency/<device>.json, written by `qpolicy latency`).
+    action_space: "bits" (free per-layer bits: the per-step env's action is a choice index per layer) | "profiles"
+        (each step's action picks one of K precision profiles, per-layer bit vectors a runtime holds as K model
+        variants; per-step env only; see qpolicy.profiles).
+    profiles: path of a precision-profiles JSON file (qpolicy.profiles; written by `qpolicy profiles`); null = found
+        by the sensitivity ILP at num_profiles budgets spread around budget (cached; recorded in the run folder).
+    num_profiles: K, profiles the search finds (action_space "profiles", profiles null); duplicates are dropped.
+    profile_spread: ratio between neighbouring budgets of the profile search (budget * spread^(k - (K-1)/2)).
     """
 
     model: Any = DEFAULT_MODEL
@@ -70,6 +80,10 @@ class EnvConfig:
     thumb_size: int = 4
     cost: str = "bops"
     latency_table: str | None = None
+    action_space: str = "bits"
+    profiles: str | None = None
+    num_profiles: int = 4
+    profile_spread: float = 2.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, Path, Denoiser)):
@@ -92,6 +106,17 @@ class EnvConfig:
         if self.latency_table is not None and self.cost != "latency":
             raise ValueError(f"latency_table applies to cost 'latency' only; got cost {self.cost!r} (set cost: latency "
                              "or drop latency_table)")
+        put("action_space", kind="choice", choices=ACTION_SPACES)
+        if isinstance(self.profiles, Path):
+            object.__setattr__(self, "profiles", str(self.profiles))
+        put("profiles", kind="str", optional=True)
+        put("num_profiles", kind="int", lo=1, hi=64)
+        put("profile_spread", kind="real", lo=1, lo_open=True)
+        if self.action_space != "profiles":
+            changed = [f for f in PROFILE_FIELDS[1:] if getattr(self, f) != getattr(EnvConfig, f)]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} apply to action_space 'profiles' only; got action_space "
+                                 f"{self.action_space!r} (set action_space: profiles or drop {', '.join(changed)})")
         object.__setattr__(self, "bit_choices", check_choices(self.bit_choices))
         if self.cost == "latency" and 32 not in self.bit_choices:
             raise ValueError(f"cost 'latency' needs 32 in bit_choices (latency costs are relative to the measured FP32 "

@@ -38,9 +38,12 @@ def check_actions(core: Environment, actions: Any, batch: int | None) -> np.ndar
     if a.size and not np.issubdtype(a.dtype, np.integer):
         if not np.all(np.mod(a, 1) == 0):
             raise ValueError(f"action must hold integer indices into bit_choices, got dtype {a.dtype}")
-    if a.size and (a.min() < 0 or a.max() >= core.C):
-        raise ValueError(f"action entries must be indices in [0, {core.C - 1}] into bit_choices "
-                         f"{core.config.bit_choices}, got range [{a.min()}, {a.max()}]")
+    n, what = core.C, f"bit_choices {core.config.bit_choices}"
+    if getattr(core, "profiles", None) is not None:  # action_space 'profiles': an index into the K profiles
+        n, what = core.K, f"the {core.K} precision profiles"
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise ValueError(f"action entries must be indices in [0, {n - 1}] into {what}, got range "
+                         f"[{a.min()}, {a.max()}]")
     return a.astype(np.int32)
 
 

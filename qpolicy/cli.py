@@ -287,6 +287,21 @@ def cmd_deploy_onnx(a) -> int:
     from .ort_runtime import deploy
     from .schedule import BitSchedule
 
+    if (a.run is None) == (a.schedule is None):
+        raise ValueError("give --schedule FILE (a static schedule) or --run DIR (a profile-mode run), not both")
+    if a.run is not None:  # per-input switching among K profile variants, picked by the policy network
+        from .profile_runtime import deploy_run
+
+        out = Path(a.out) if a.out else Path("out") / "deploy_onnx" / Path(a.run).name
+        r = deploy_run(a.run, out, n=a.n, threads=a.threads, calib_n=a.calib_n)
+        if a.json:
+            print(json.dumps(r, indent=1))
+        else:
+            print(f"onnxruntime, {r['n']} images in {r['groups']} groups, {r['num_profiles']} profile variants in "
+                  f"{out}; profile use {r['profile_counts']}")
+            print(f"final_error {r['final_error']:.4g} (vs FP sampler); final_error_vs_simulation "
+                  f"{r['final_error_vs_simulation']:.4g}; mean cost_rel_fp32 {r['mean_cost_rel_fp32']:.4g}")
+        return 0
     sched = BitSchedule.load(a.schedule)
     den = load_denoiser(a.model or sched.model_id)
     out = Path(a.out) if a.out else Path("out") / "deploy_onnx" / Path(a.schedule).stem
@@ -316,6 +331,14 @@ def cmd_calibrate(a) -> int:
     save_npy(path, calibrate(den, smp, qcfg, n=a.n))
     print(f"static activation ranges for {den.name} ({a.sampler} {a.steps} steps, {a.buckets} buckets, "
           f"{a.n} images): {path}")
+    return 0
+
+
+def cmd_profiles(a) -> int:
+    """Find K precision profiles (sensitivity ILP at budgets around the target) for an env config; write the file."""
+    from .profiles import profiles_cli
+
+    _print_json(profiles_cli(a)) if a.json else print("\n".join(profiles_cli(a, lines=True)))
     return 0
 
 
@@ -518,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                              required=True)
     do = dp.add_parser("onnx", help="onnxruntime: one QDQ model per schedule segment, switched per sampler step; "
                                     "reports its error vs the FP sampler and vs qpolicy's simulation")
-    do.add_argument("--schedule", required=True, help="a BitSchedule JSON (e.g. a run's learned_mean_schedule.json)")
+    do.add_argument("--schedule", default=None, help="a BitSchedule JSON (e.g. a run's learned_mean_schedule.json)")
+    do.add_argument("--run", default=None, help="a run trained with env.action_space profiles: K profile variants, "
+                                                "one picked per input group and step by the exported policy")
     do.add_argument("--model", default=None, help="shipped model or checkpoint folder (default: the schedule's)")
     do.add_argument("--n", type=int, default=16, help="images (the ONNX models' fixed batch size)")
     do.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
@@ -549,6 +574,20 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--out", default=None, help="table JSON (default <checkpoint>/latency/<device>.json)")
     la.add_argument("--json", action="store_true", help="print the table summary and the BOPs comparison as JSON")
     la.set_defaults(fn=cmd_latency)
+
+    pr = sub.add_parser("profiles", help="find K precision profiles (per-layer bits; sensitivity ILP at budgets "
+                                         "around the target) for env.action_space 'profiles'; write the JSON file")
+    pr.add_argument("--config", default=None, help="YAML run config whose env fields to use (else the defaults)")
+    pr.add_argument("--set", action="append", help="override an env field: key=value (e.g. env.num_steps=5)")
+    pr.add_argument("--model", default=None, help="shipped model name or checkpoint folder (env.model)")
+    pr.add_argument("--budget", type=float, default=None, help="target cost_rel_fp32 the budgets spread around "
+                                                               "(env.budget; 0.0625 = uniform W8A8)")
+    pr.add_argument("--num-profiles", type=_int_at_least(1), default=None, help="K (env.num_profiles, default 4)")
+    pr.add_argument("--spread", type=float, default=None, help="ratio between neighbouring budgets "
+                                                               "(env.profile_spread, default 2)")
+    pr.add_argument("--out", required=True, help="profiles JSON file to write (atomically)")
+    pr.add_argument("--json", action="store_true", help="print the profiles summary as JSON")
+    pr.set_defaults(fn=cmd_profiles)
 
     d = sub.add_parser("demo", help="the main job: train a policy on digits16, evaluate vs baselines, export")
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "experiments" / "configs"

@@ -124,6 +124,8 @@ def policy_schedules(cfg: RunConfig, act: Callable, core: Any, params: Any) -> t
             i, l = divmod(d, L)
             iw[:, i, l] = a[:, 0]
             ia[:, i, l] = a[:, -1]
+        elif getattr(core, "profiles", None) is not None:  # action_space 'profiles': a profile index per step
+            iw[:, d], ia[:, d] = core.action_indices(a)
         else:
             iw[:, d], ia[:, d] = a[:, :L], a[:, -L:]
         obs, states, *_ = core.jit_step_batch(jax.random.key(0), states, jnp.asarray(a), params)

@@ -37,12 +37,22 @@ def export_policy_onnx(policy_dir: str | os.PathLike, out_dir: str | os.PathLike
     choices = jnp.asarray(env["bit_choices"], jnp.int32)
     net = ActorCritic(nvec=nvec, hidden=cfg.hidden)
     p0 = jax.tree_util.tree_map(lambda a: a[0] if a.ndim and cfg.num_seeds > 1 else a, params)
+    profiles = meta.get("profiles")  # action_space 'profiles': action = profile index, bits = that profile's
+    table = None
+    if profiles is not None:
+        import numpy as np
+
+        from .profiles import profiles_from_dict
+
+        prof = profiles_from_dict(profiles, source=f"{policy_dir}/policy.json meta.profiles")
+        tied = bool(env.get("tie_weights_activations", True))
+        table = jnp.asarray(prof.bits_w if tied else np.concatenate([prof.bits_w, prof.bits_a], 1), jnp.int32)
 
     def act(obs):
         logits, _ = net.apply(p0, obs)
         a = _MultiCategorical(logits, nvec).mode()
         a = a[..., :1] if scalar else a
-        return a, choices[a]
+        return a, (choices[a] if table is None else table[a[..., 0]])
 
     D = int(meta["obs_size"])
     model = jax2onnx.to_onnx(act, [jax.ShapeDtypeStruct((batch, D), jnp.float32)], model_name="qpolicy_policy",
@@ -67,5 +77,11 @@ def export_policy_onnx(policy_dir: str | os.PathLike, out_dir: str | os.PathLike
                          "bit_choices": env["bit_choices"]},
               "onnx": {"file": POLICY_ONNX, "input": "obs (B, D) float32", "batch": batch,
                        "outputs": ["action (B, H) int32", "bits (B, H) int32"]}}
+    if table is not None:
+        recipe["action"] = {"heads": list(nvec), "action_space": "profiles", "profiles": profiles,
+                            "bits": "action (B, 1) = the profile index k; bits (B, L) = profile k's bits_w (tied), or "
+                                    "(B, 2L) = [bits_w | bits_a]; prev_bits_* observation entries hold the previous "
+                                    "step's profile bits", "bit_choices": env["bit_choices"]}
+        recipe["onnx"]["outputs"] = ["action (B, 1) int32", f"bits (B, {int(table.shape[1])}) int32"]
     return [atomic_write_bytes(out / POLICY_ONNX, model.SerializeToString()),
             atomic_write_json(out / OBS_RECIPE, recipe)]

@@ -21,6 +21,7 @@ import yaml
 
 from .config import check
 from .io import atomic_write_json, atomic_write_text, read_json
+from .profiles import check_run_profiles, record_run_profiles
 from .rundir import check_fingerprint, check_writable_target, config_diff, fingerprint, locked
 from .tracking import WANDB_MODES, Tracker
 
@@ -80,6 +81,10 @@ class RunConfig:
         for f in ("env", "agent_kwargs"):
             if not isinstance(getattr(self, f), dict):
                 raise ValueError(f"{f} must be a mapping, got {type(getattr(self, f)).__name__}")
+        if self.env.get("action_space") == "profiles" and (self.layerwise or self.agent == "sac"):
+            raise ValueError("env.action_space 'profiles' (one profile index per step) needs the per-step env and a "
+                             "discrete agent: set layerwise: false and agent ppo, a2c or ppo_jax"
+                             + (f" (got agent {self.agent!r})" if self.agent == "sac" else " (got layerwise: true)"))
         from qpolicy.envs import EnvConfig
 
         fields = {f.name for f in dataclasses.fields(EnvConfig)}
@@ -134,6 +139,9 @@ def validate(cfg: RunConfig) -> None:
     from qpolicy.envs import EnvConfig
 
     env = EnvConfig(**cfg.env)
+    if env.action_space == "profiles" and cfg.agent == "ppo_jax" and _ppo_config(cfg).warm_start is not None:
+        raise ValueError("agent_kwargs.warm_start clones a per-layer schedule into the actor; it has no meaning with "
+                         "env.action_space 'profiles' (drop warm_start)")
     if not isinstance(env.model, (str, Path)):
         return  # a Denoiser object (Python API)
     mdir = resolve_model_dir(env.model)
@@ -143,6 +151,11 @@ def validate(cfg: RunConfig) -> None:
 
         path = env.latency_table or default_path(mdir.resolve(), meta.get("name", mdir.name), meta.get("layer_hash"))
         load_table(path, layer_hash=meta.get("layer_hash"), num_layers=None, bit_choices=env.bit_choices)
+    if env.action_space == "profiles" and env.profiles is not None:  # the file fits the model before any write
+        from .profiles import load_profiles
+
+        load_profiles(env.profiles, layer_hash=meta.get("layer_hash") if isinstance(meta, dict) else None,
+                      bit_choices=env.bit_choices, tied=env.tie_weights_activations)
     shape = meta.get("image_shape") if isinstance(meta, dict) else None
     if isinstance(shape, list) and shape and all(isinstance(v, int) for v in shape):
         image = int(np.prod(shape)) * 4
@@ -241,6 +254,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({**cfg.to_dict(), FINGERPRINT_KEY:
                                                                    cfg.fingerprint()}, sort_keys=False))
         t0 = time.time()
+        record_run_profiles(cfg.env, run_dir, progress=progress)  # action_space 'profiles': what actions mean
         if cfg.agent == "ppo_jax":
             summary = _train_ppo_jax(cfg, run_dir, progress=progress, t0=t0)
         else:
@@ -339,6 +353,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Callable]:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     check_fingerprint(policy_fingerprint(run_dir, cfg), cfg.fingerprint(), what="the policy", where=run_dir)
+    check_run_profiles(run_dir, cfg.env)
     if cfg.agent == "ppo_jax":
         from qpolicy.agents import ppo_jax
         from qpolicy.envs import make_core
