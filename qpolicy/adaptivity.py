@@ -126,3 +126,26 @@ def input_features(x: Any, thumb_size: int = 4) -> np.ndarray:
     x = jnp.asarray(x)
     f = thumbnail_features(x, thumb_size)
     return np.asarray(jnp.concatenate([f, jnp.abs(x).max((1, 2, 3))[:, None]], 1), np.float64)
+
+
+def by_request(cond: Any, keys: Any, learned_err: np.ndarray, learned_cost: np.ndarray,
+               static_err: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A conditional model's evaluation split by guidance scale (the request that sets how much quantization error
+    guidance amplifies): per scale, the images, the learned policy's mean BOPs/FP32 and final error with its CI, and
+    each static schedule's final error on the same images (paired difference learned − static with its CI).
+    An input-adaptive policy under a batch-mean budget should spend more where the scale is larger."""
+    from .conditioning import request_table
+
+    scale = request_table(cond, keys)["guidance"][: learned_err.shape[0]]
+    rows = []
+    for g in cond.guidance_scales:
+        m = scale == g
+        if m.sum() < 2:  # a CI needs two images
+            continue
+        row = {"guidance": float(g), "n": int(m.sum()), "learned_bops_rel_fp32": float(learned_cost[m].mean()),
+               "learned_error": mean_ci(learned_err[m])}
+        for name, e in static_err.items():
+            row[f"{name}_error"] = float(e[m].mean())
+            row[f"learned_vs_{name}"] = paired_difference(learned_err[m], e[m])
+        rows.append(row)
+    return {"scales": rows}

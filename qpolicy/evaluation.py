@@ -72,6 +72,7 @@ class Setup:
     bank: ReferenceBank
     n: int
     eval_seed: int
+    group_cost: np.ndarray | None = None  # the learned policy's BOPs/FP32 per image group (score_learned)
 
 
 def setup(run_dir: str | Path, n: int | None = None, eval_seed: int | None = None) -> Setup:
@@ -167,6 +168,7 @@ def score_learned(s: Setup) -> tuple[Record, np.ndarray, np.ndarray, np.ndarray]
     group_cost = np.asarray([x["bops_rel_fp32"] for x in sums])
     row["bops_rel_fp32_spread"] = {"std": float(group_cost.std()), "min": float(group_cost.min()),
                                    "max": float(group_cost.max()), "groups": int(group_cost.size)}
+    s.group_cost = group_cost
     row.update(name=f"learned_{s.cfg.agent}", kind="learned", traj_error=float(e.mean()),
                final_error=float(e[-1].mean()), per_step_error=e.mean(1).tolist(), n=int(e.shape[1]),
                input_dependent=True, **learned_compute(s))
@@ -266,10 +268,16 @@ def audit(s: Setup, records: list[Record], idx: np.ndarray, bw_g: np.ndarray, ba
     menu = {r.row["name"]: r.errors[-1] for r in records[1:] if r.row["cost_rel_fp32"] <= cost}
     feats = adaptivity.input_features(s.bank.traj[0], s.core.config.thumb_size)
     oracle = adaptivity.oracle_headroom(menu, learned.errors[-1])
-    return {"vs_mean_schedule": adaptivity.vs_mean_schedule(learned.errors[-1], mean.errors[-1]),
-            "gain": perm.get("gain"), "gain_ci": perm.get("gain_ci"), "p_value": perm.get("p_value"),
-            "permutation": perm, "oracle_headroom": oracle.get("headroom"), "oracle": oracle,
-            "captured": oracle.get("captured"), "learnable": adaptivity.learnable_headroom(feats, menu)}
+    out = {"vs_mean_schedule": adaptivity.vs_mean_schedule(learned.errors[-1], mean.errors[-1]),
+           "gain": perm.get("gain"), "gain_ci": perm.get("gain_ci"), "p_value": perm.get("p_value"),
+           "permutation": perm, "oracle_headroom": oracle.get("headroom"), "oracle": oracle,
+           "captured": oracle.get("captured"), "learnable": adaptivity.learnable_headroom(feats, menu)}
+    if s.engine.den.conditioning is not None:
+        best = oracle.get("best_static")
+        static = {"mean_schedule": mean.errors[-1], **({"best_static": menu[best]} if best in menu else {})}
+        out["by_request"] = adaptivity.by_request(s.engine.den.conditioning, s.bank.keys, learned.errors[-1],
+                                                  np.repeat(s.group_cost, B), static)
+    return out
 
 
 def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:

@@ -182,3 +182,22 @@ def test_unconditional_fingerprints_and_configs_are_unchanged():
     assert "num_classes" not in preset_config("tiny", image_size=8, in_channels=1).to_dict()
     with pytest.raises(ValueError, match="guidance_scales"):
         TrainConfig(data="digits", preset="tiny", steps=1, out="x", conditional=True, guidance_scales=())
+
+
+def test_by_request_splits_the_evaluation_by_guidance_scale():
+    from qpolicy.adaptivity import by_request
+    from qpolicy.conditioning import request_table
+
+    keys = image_keys(5, 40)
+    g = request_table(COND, keys)["guidance"]
+    err = np.where(g == 4.0, 2.0, 1.0) + np.linspace(0, 0.1, 40)
+    cost = np.where(g == 4.0, 0.05, 0.02)
+    rows = by_request(COND, keys, err, cost, {"mean_schedule": err + 0.5})["scales"]
+    assert [r["guidance"] for r in rows] == [1.0, 4.0]
+    for r in rows:
+        m = g == r["guidance"]
+        assert r["n"] == int(m.sum())
+        assert r["learned_bops_rel_fp32"] == pytest.approx(cost[m].mean())
+        assert r["learned_error"]["mean"] == pytest.approx(err[m].mean())
+        assert r["mean_schedule_error"] == pytest.approx(err[m].mean() + 0.5)
+        assert r["learned_vs_mean_schedule"]["verdict"] == "better"
