@@ -271,6 +271,12 @@ def summary_lines(res: dict) -> list[str]:
         if ln.get("gain_rel") is not None:
             out.append(f"learnable from x_T features (ridge, held-out half): {100 * ln['gain_rel']:+.1f} % vs "
                        f"{ln['best_static']} ({ln['vs_best_static']['verdict']})")
+        for r in ad.get("by_request", {}).get("scales", []):
+            vs = r.get("learned_vs_best_static") or r["learned_vs_mean_schedule"]
+            which = "the best static" if "learned_vs_best_static" in r else "its mean schedule"
+            out.append(f"guidance {r['guidance']:g} ({r['n']} images): learned BOPs/FP32 "
+                       f"{r['learned_bops_rel_fp32']:.4f}, error {r['learned_error']['mean']:.4g} vs {which} "
+                       f"{r.get('best_static_error', r['mean_schedule_error']):.4g} ({vs['verdict']})")
     return out
 
 
