@@ -184,9 +184,14 @@ def _train_denoiser(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
         from .denoiser import load_denoiser
 
         src = load_denoiser(cfg.init_from)
-        if jax.tree_util.tree_structure(src.params) != jax.tree_util.tree_structure(params):
+        src_params = dict(src.params)
+        if cond is not None and src.conditioning is None and "label" in params and "label" not in src_params:
+            # an unconditional checkpoint starts a conditional model: the label embedding starts at zero, so the
+            # model starts as the unconditional one for every label and learns the conditioning
+            src_params["label"] = jax.tree_util.tree_map(jnp.zeros_like, params["label"])
+        if jax.tree_util.tree_structure(src_params) != jax.tree_util.tree_structure(dict(params)):
             raise ValueError(f"init_from={cfg.init_from!r} has a different architecture than preset {cfg.preset!r}")
-        params = src.params
+        params = src_params
         prior_steps = int(src.metadata.get("train", {}).get("steps", 0))
     tx = _optimizer(cfg)
     state = {"params": params, "ema": params, "opt": tx.init(params), "step": 0, "key": jax.random.key_data(key)}
