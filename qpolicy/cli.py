@@ -277,6 +277,10 @@ def summary_lines(res: dict) -> list[str]:
             out.append(f"guidance {r['guidance']:g} ({r['n']} images): learned BOPs/FP32 "
                        f"{r['learned_bops_rel_fp32']:.4f}, error {r['learned_error']['mean']:.4g} vs {which} "
                        f"{r.get('best_static_error', r['mean_schedule_error']):.4g} ({vs['verdict']})")
+    rec = res.get("recommendation")
+    if rec:
+        kind = "a static schedule" if rec["static"] else "input-dependent"
+        out.append(f"what the evidence supports: {rec['policy']} ({kind}): {rec['why']}")
     return out
 
 

@@ -255,6 +255,33 @@ def compare(records: list[Record]) -> dict[str, Any]:
     return out
 
 
+def recommend(result: dict[str, Any]) -> dict[str, Any]:
+    """The policy the evidence supports at the learned policy's cost: the learned, input-dependent policy only when
+    its paired CI says it is better than both the best baseline at ≤ its cost and its own static mean schedule;
+    otherwise the static schedule with the lower mean final error of those two (input dependence that earns nothing
+    is not worth a runtime that switches schedules)."""
+    pol = {p["name"]: p for p in result["policies"]}
+    learned, mean = result["policies"][0], result["policies"][1]
+    best = result.get("best_baseline_at_matched_cost")
+    vs_mean = (result.get("adaptivity") or {}).get("vs_mean_schedule", {}).get("verdict")
+    beats_best = best is None or best["verdict"] == "better"
+    if beats_best and vs_mean == "better":
+        return {"policy": learned["name"], "static": False,
+                "why": f"the learned policy is better (95 % CI) than its own mean schedule and than "
+                       f"{best['name'] if best else 'every baseline'} at its cost: input dependence pays here"}
+    static = [mean] + ([pol[best["name"]]] if best else [])
+    pick = min(static, key=lambda p: p["final_error"])
+    reasons = []
+    if not beats_best:
+        phrase = {"worse": "worse than", "no difference": "no better than"}[best["verdict"]]
+        reasons.append(f"the learned policy is {phrase} {best['name']} at its cost (95 % CI)")
+    if vs_mean != "better":
+        reasons.append(f"its input dependence earns nothing against its own mean schedule ({vs_mean})")
+    return {"policy": pick["name"], "static": True,
+            "why": "; ".join(reasons) + f": the static {pick['name']} (final error {pick['final_error']:.4g}) is "
+                   "the schedule to deploy"}
+
+
 def audit(s: Setup, records: list[Record], idx: np.ndarray, bw_g: np.ndarray, ba_g: np.ndarray, *,
           k: int = 4) -> dict[str, Any]:
     """The adaptivity audit (:mod:`qpolicy.adaptivity`): learned vs its own mean schedule, the permutation test
@@ -308,11 +335,20 @@ def write_outputs(s: Setup, records: list[Record], result: dict) -> dict:
                                                  "config": s.cfg.to_dict()},
                                      bit_choices=eng.qcfg.bit_choices)
     sched.save(out_dir / "learned_mean_schedule.json")
+    rec = next(r for r in records if r.row["name"] == result["recommendation"]["policy"])
+    if result["recommendation"]["static"]:  # the schedule the evidence supports, ready to export
+        BitSchedule.for_denoiser(eng.den, eng.sampler, rec.bits_w, rec.bits_a, quantizer=eng.qcfg.quantizer_block(),
+                                 summary={k: v for k, v in rec.row.items() if isinstance(v, (int, float))},
+                                 provenance={"policy": rec.row["name"], "kind": "recommended: "
+                                             + result["recommendation"]["why"], "run": str(s.run_dir)},
+                                 bit_choices=eng.qcfg.bit_choices).save(out_dir / "recommended_schedule.json")
     result["files"] = {"evaluation": str(out_dir / "evaluation.json"), "pareto": str(out_dir / "pareto.png"),
                        "heatmaps": str(out_dir / "bits_heatmaps.png"),
                        "samples": str(out_dir / "samples_fp_vs_learned.png"),
                        "bits_vs_input": str(out_dir / "bits_vs_input.png"),
-                       "schedule": str(out_dir / "learned_mean_schedule.json")}
+                       "schedule": str(out_dir / "learned_mean_schedule.json"),
+                       **({"recommended": str(out_dir / "recommended_schedule.json")}
+                          if result["recommendation"]["static"] else {})}
     atomic_write_json(out_dir / "evaluation.json", result)
     return result
 
@@ -375,6 +411,7 @@ def _evaluate(run_dir, *, baselines, budget, n, eval_seed, progress, with_fd, pe
               "search_budget": {"mode": search_budget, "max_evaluations": cap,
                                 "learned_forwards": learned.row["search_forwards"]}, **fd,
               "policies": [r.row for r in records], **comparison, "adaptivity": adapt}
+    result["recommendation"] = recommend(result)
     with clock("plots"):
         plots_bits_vs_input(s, idx, bw_g)
     result["stage_seconds"] = clock.seconds

@@ -70,3 +70,27 @@ def test_oracle_and_learnable_headroom_on_a_planted_menu():
     noise = adaptivity.learnable_headroom(rng.standard_normal((N, 3)), menu)  # features that carry nothing
     assert noise["share_of_headroom"] < 0.3
     assert adaptivity.oracle_headroom({"a": menu["a"]}, learned)["headroom"] is None
+
+
+def _result(best_verdict, vs_mean, learned=0.010, mean=0.012, best=0.011):
+    pol = [{"name": "learned_ppo_jax", "final_error": learned}, {"name": "learned_ppo_jax_mean_schedule",
+                                                                 "final_error": mean},
+           {"name": "search_evolution", "final_error": best}]
+    return {"policies": pol, "adaptivity": {"vs_mean_schedule": {"verdict": vs_mean}},
+            "best_baseline_at_matched_cost": {"name": "search_evolution", "verdict": best_verdict}}
+
+
+@pytest.mark.parametrize("best_verdict, vs_mean, errs, policy, static", [
+    ("better", "better", {}, "learned_ppo_jax", False),  # adaptivity pays: deploy the policy
+    ("better", "no difference", {"mean": 0.0105}, "learned_ppo_jax_mean_schedule", True),  # only as a schedule
+    ("worse", "no difference", {"learned": 0.03, "mean": 0.02, "best": 0.01}, "search_evolution", True),
+    ("no difference", "better", {"learned": 0.011, "mean": 0.015, "best": 0.012}, "search_evolution", True),
+    ("worse", "worse", {"learned": 0.03, "mean": 0.009, "best": 0.01}, "learned_ppo_jax_mean_schedule", True),
+])
+def test_recommendation_follows_the_ci_verdicts(best_verdict, vs_mean, errs, policy, static):
+    from qpolicy.evaluation import recommend
+
+    rec = recommend(_result(best_verdict, vs_mean, **errs))
+    assert rec["policy"] == policy and rec["static"] is static
+    if static and best_verdict != "better":
+        assert "search_evolution at its cost" in rec["why"]
