@@ -78,7 +78,10 @@ class QuantConfig:
     reconstruction: AdaRound learned rounding (output reconstruction per conv / dense layer on FP calibration inputs,
         optax) at the weight bit choices ``recon_bits``, precomputed per choice (:mod:`qpolicy.reconstruct`).
     recon_bits: weight bits that get learned rounding (integers in 2..8; those not in bit_choices are dropped).
-    recon_iters: Adam iterations per layer and bit choice.
+    recon_iters: Adam iterations per layer and bit choice (AdaRound).
+    recon_method: "adaround" (learned floor/ceil rounding, optax) or "gptq" (GPTQ, Frantar et al. 2023: rows rounded
+        one at a time on the same grid, each rounding error compensated on the rows left through the inverse of the
+        calibration inputs' second moment; :func:`qpolicy.reconstruct.gptq`).
     attn_matmuls: precision of the activation-activation matmuls of attention (scores q·kᵀ, softmax, probs·v): only
         "float" (they are not intercepted; recorded so a schedule says so).
     calib_n: calibration images for static ranges, bias correction, activation clipping and SmoothQuant.
@@ -103,6 +106,7 @@ class QuantConfig:
     reconstruction: bool = False
     recon_bits: tuple[int, ...] = (4, 5, 6)
     recon_iters: int = 300
+    recon_method: str = "adaround"
     attn_matmuls: str = "float"
     calib_n: int = 32
 
@@ -122,6 +126,7 @@ class QuantConfig:
         put("smooth_alpha", check("smooth_alpha", self.smooth_alpha, kind="real", lo=0, hi=1, optional=True))
         put("smooth_min_bits", check("smooth_min_bits", self.smooth_min_bits, kind="int", lo=2, hi=32))
         put("recon_iters", check("recon_iters", self.recon_iters, kind="int", lo=1))
+        put("recon_method", check("recon_method", self.recon_method, kind="choice", choices=RECON_METHODS))
         put("bit_choices", check_choices(self.bit_choices))
         # weight bits that get learned rounding: integers in 2..8; those that are not bit choices are dropped
         put("recon_bits", tuple(b for b in (check("recon_bits", b, kind="int", lo=2, hi=8) for b in self.recon_bits)
@@ -155,7 +160,10 @@ class QuantConfig:
 PTQ_FIELDS = ("split_concat", "bias_correction", "weight_clipping", "clip_objective", "act_clip", "smoothquant",
               "reconstruction")
 #: Their parameters, recorded in the quantizer block with them.
-PTQ_PARAMS = ("act_percentile", "smooth_alpha", "smooth_min_bits", "recon_bits", "recon_iters", "attn_matmuls")
+PTQ_PARAMS = ("act_percentile", "smooth_alpha", "smooth_min_bits", "recon_bits", "recon_iters", "recon_method",
+              "attn_matmuls")
+#: Weight reconstruction methods (QuantConfig.recon_method): AdaRound learned rounding, GPTQ error compensation.
+RECON_METHODS = ("adaround", "gptq")
 #: Precisions of attention's activation-activation matmuls (QuantConfig.attn_matmuls).
 ATTN_MATMULS = ("float",)
 #: Objectives of the weight clipping search (QuantConfig.clip_objective).
@@ -324,7 +332,8 @@ class QuantEngine:
         layers = [l for l in bias_correctable(self.den, need_bias=False) if len(self.den.layers[l].weight_shape)
                   in (2, 4)]
         return reconstruct_weights(self.den, self.sampler, layers, self.weight_grid, self.qcfg.recon_bits,
-                                   n=self.qcfg.calib_n, iters=self.qcfg.recon_iters)
+                                   n=self.qcfg.calib_n, iters=self.qcfg.recon_iters, method=self.qcfg.recon_method,
+                                   center=self.qcfg.bias_correction)
 
     def weight_grid(self, l: int, bits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(step per kernel entry (kernel shape, in the kernel's basis), qmin, qmax) of layer l's kernel quantizer at

@@ -98,14 +98,45 @@ def layer_rows(den: Any, sampler: Any, layers: list[int], *, n: int, rows: int =
     return {l: v.reshape(-1, v.shape[-1]) for l, v in st.items()}
 
 
+@jax.jit
+def gptq(gram: jax.Array, w: jax.Array, scale: jax.Array, qmin: jax.Array, qmax: jax.Array, damp: float = 0.01
+         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """GPTQ (Frantar et al. 2023) on a fixed grid: the rows of a (D, Cout) matmul weight ``w`` are rounded one at a
+    time to the grid ``scale`` (broadcast to w) with integer bounds [qmin, qmax], and each row's rounding error is
+    compensated on the rows not yet rounded through the inverse of H = ``gram`` + damp·mean(diag)·I (``gram``: the
+    input rows' second moment, :func:`layer_grams`). Returns (W_q on the grid, output error of W_q, output error of
+    nearest rounding), errors as ΔWᵀ·gram·ΔW summed over output channels."""
+    d = w.shape[0]
+    diag = jnp.diag(gram)
+    h = gram + (damp * jnp.maximum(jnp.mean(diag), 1e-12)) * jnp.eye(d, dtype=gram.dtype)
+    u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T  # upper factor of H⁻¹ (GPTQ's Hinv)
+    q = lambda v, s: jnp.clip(jnp.round(v / s), qmin, qmax) * s  # noqa: E731
+    later = jnp.arange(d)
+
+    def body(k, carry):
+        wk, out = carry
+        row = q(wk[k], scale[k])
+        e = (wk[k] - row) / u[k, k]
+        wk = wk - jnp.where((later > k)[:, None], jnp.outer(u[k], e), 0.0)
+        return wk, out.at[k].set(row)
+
+    _, wq = jax.lax.fori_loop(0, d, body, (w, jnp.zeros_like(w)))
+    err = lambda v: jnp.sum((gram @ (v - w)) * (v - w))  # noqa: E731
+    return wq, err(wq), err(q(w, scale))
+
+
 def reconstruct_weights(den: Any, sampler: Any, layers: list[int], grid_of: Callable[[int, jax.Array], Any],
-                        choices: tuple[int, ...], *, n: int, iters: int = 300, rows: int = 1024
-                        ) -> dict[int, jax.Array]:
-    """``{l: (len(choices), *kernel shape)}`` AdaRound weights of each layer at each bit choice. ``grid_of(l, bits)``
-    returns (scale, qmin, qmax): the layer quantizer's step per kernel entry (kernel shape, in the kernel's own basis:
-    SmoothQuant's step on s·W divided by s) and integer bounds. Where learned rounding does not beat nearest rounding
-    on the calibration rows, nearest rounding is kept."""
-    xs = layer_rows(den, sampler, layers, n=n, rows=rows)
+                        choices: tuple[int, ...], *, n: int, iters: int = 300, rows: int = 1024,
+                        method: str = "adaround", center: bool = True) -> dict[int, jax.Array]:
+    """``{l: (len(choices), *kernel shape)}`` reconstructed weights of each layer at each bit choice: AdaRound on
+    sampled calibration rows (``method="adaround"``) or GPTQ on the calibration inputs' second moments (``"gptq"``,
+    centred per step with ``center``). ``grid_of(l, bits)`` returns (scale, qmin, qmax): the layer quantizer's step per
+    kernel entry (kernel shape, in the kernel's own basis: SmoothQuant's step on s·W divided by s) and integer bounds.
+    Where the reconstruction does not beat nearest rounding on the calibration data, nearest rounding is kept."""
+    if method == "gptq":
+        xs = layer_grams(den, sampler, layers, n=n, center=center)
+    else:
+        xs = layer_rows(den, sampler, layers, n=n, rows=rows)
     out = {}
     for l in layers:
         w = jnp.asarray(layer_params(den.params, den.layers[l])["kernel"], jnp.float32)
@@ -114,7 +145,10 @@ def reconstruct_weights(den: Any, sampler: Any, layers: list[int], grid_of: Call
         for b in choices:
             scale, qmin, qmax = grid_of(l, jnp.int32(b))
             s2 = jnp.broadcast_to(scale, w.shape).reshape(w2.shape)
-            wq, e_ada, e_near = adaround(xs[l], w2, s2, qmin, qmax, iters=iters)
+            if method == "gptq":
+                wq, e_ada, e_near = gptq(xs[l], w2, s2, qmin, qmax)
+            else:
+                wq, e_ada, e_near = adaround(xs[l], w2, s2, qmin, qmax, iters=iters)
             if not float(e_ada) < float(e_near):
                 wq = jnp.clip(jnp.round(w2 / s2), qmin, qmax) * s2
             per.append(wq.reshape(w.shape))

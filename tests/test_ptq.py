@@ -113,8 +113,9 @@ def test_int8_accumulation_equals_float64_reference():
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(ref).astype(np.int64))
 
 
-@pytest.mark.parametrize("extra", [pytest.param({}, id="ptq"), pytest.param({"clip_objective": "output", "calib_n": 4},
-                                                                       id="oclip"), pytest.param(
+@pytest.mark.parametrize("extra", [pytest.param({}, id="ptq"), pytest.param(
+    {"clip_objective": "output", "reconstruction": True, "recon_method": "gptq", "recon_bits": (8,), "calib_n": 4},
+    id="oclip-gptq"), pytest.param(
     {"act_clip": "mse", "smoothquant": True, "reconstruction": True, "recon_bits": (8,), "recon_iters": 10,
      "calib_n": 4}, id="all", marks=pytest.mark.slow)])  # all: ~3 CPU-minutes (calibrations + two compiles)
 def test_integer_execution_within_one_lsb(tiny_denoiser, extra):
@@ -275,3 +276,28 @@ def test_output_clipping_lowers_layer_output_error(mlp):
         np.testing.assert_array_equal(np.asarray(r)[hi], np.asarray(wmse.clip_ratios[k])[hi])
     with pytest.raises(ValueError, match="needs weight_clipping"):
         quant_config("plain", clip_objective="output")
+
+
+def test_gptq_beats_nearest_on_grid_and_runs_in_the_engine(mlp):
+    """GPTQ (recon_method="gptq"): lower output error than nearest rounding on correlated inputs, every entry an
+    integer code within the bounds of the fixed grid; in the engine the reconstructed 4-bit weights are used and 8
+    (not in recon_bits) is left to nearest rounding."""
+    from qpolicy.reconstruct import gptq
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((512, 32)) @ rng.standard_normal((32, 32)), jnp.float32)  # correlated inputs
+    w = jnp.asarray(rng.standard_normal((32, 4)), jnp.float32)
+    scale = jnp.broadcast_to(jnp.abs(w).max(0, keepdims=True) / 7, w.shape)  # 4 bits, per output channel
+    wq, e, e_near = gptq(x.T @ x / x.shape[0], w, scale, -7.0, 7.0)
+    assert float(e) < 0.8 * float(e_near)
+    code = np.asarray(wq / scale)
+    np.testing.assert_allclose(code, np.round(code), atol=1e-4)
+    assert np.abs(np.round(code)).max() <= 7
+    eng = make_engine(mlp, steps=2, qcfg=quant_config("ptq", reconstruction=True, recon_method="gptq", recon_bits=(4,),
+                                                      calib_n=8))
+    assert eng.recon and eng.qcfg.quantizer_block()["recon_method"] == "gptq"
+    l = next(iter(eng.recon))
+    w = jnp.asarray(mlp.params[mlp.layers[l].path]["kernel"])
+    np.testing.assert_array_equal(np.asarray(eng.quantize_weight(l, w, jnp.int32(4))), np.asarray(eng.recon[l][0]))
+    with pytest.raises(ValueError, match="recon_method must be one of"):
+        quant_config("ptq", recon_method="brecq")
