@@ -158,10 +158,9 @@ class QuantConfig:
 
 #: The PTQ technique switches of QuantConfig (a preset fixes every one of them).
 PTQ_FIELDS = ("split_concat", "bias_correction", "weight_clipping", "clip_objective", "act_clip", "smoothquant",
-              "reconstruction")
+              "reconstruction", "recon_method")
 #: Their parameters, recorded in the quantizer block with them.
-PTQ_PARAMS = ("act_percentile", "smooth_alpha", "smooth_min_bits", "recon_bits", "recon_iters", "recon_method",
-              "attn_matmuls")
+PTQ_PARAMS = ("act_percentile", "smooth_alpha", "smooth_min_bits", "recon_bits", "recon_iters", "attn_matmuls")
 #: Weight reconstruction methods (QuantConfig.recon_method): AdaRound learned rounding, GPTQ error compensation.
 RECON_METHODS = ("adaround", "gptq")
 #: Precisions of attention's activation-activation matmuls (QuantConfig.attn_matmuls).
@@ -171,16 +170,18 @@ CLIP_OBJECTIVES = ("weight", "output")
 #: Weight bits at and below which clip_objective="output" searches on the layer output (above: weight MSE).
 OUTPUT_CLIP_MAX_BITS = 8
 _OFF = {"split_concat": False, "bias_correction": False, "weight_clipping": False, "clip_objective": "weight",
-        "act_clip": "none", "smoothquant": False, "reconstruction": False}
+        "act_clip": "none", "smoothquant": False, "reconstruction": False, "recon_method": "adaround"}
 _PTQ = {**_OFF, "split_concat": True, "bias_correction": True, "weight_clipping": True}
 #: Named quantizer presets: "ptq-smooth" (the default: ptq + SmoothQuant at weight bits >= 8), "ptq" (shortcut
 #: splitting, bias correction, weight clipping search), "plain" (per-tensor dynamic activations, per-channel weights,
 #: nothing else: the engine before the PTQ toolbox), "ptq-recon" (ptq + AdaRound at 4-6 weight bits), "full" (ptq +
-#: SmoothQuant + AdaRound).
+#: SmoothQuant + AdaRound), "ptq-gptq" (ptq + GPTQ at 4-6 weight bits: digits16 W4A8 final error 0.050 -> 0.027 at
+#: n = 128 on the CPU, README).
 #: MSE / percentile activation clipping are switches in no preset (no gain measured; see the README).
 QUANT_PRESETS = {"ptq": _PTQ, "plain": _OFF,
                  "ptq-smooth": {**_PTQ, "smoothquant": True},
                  "ptq-recon": {**_PTQ, "reconstruction": True},
+                 "ptq-gptq": {**_PTQ, "reconstruction": True, "recon_method": "gptq"},
                  "full": {**_PTQ, "smoothquant": True, "reconstruction": True}}
 
 

@@ -115,9 +115,9 @@ def test_int8_accumulation_equals_float64_reference():
 
 @pytest.mark.parametrize("extra", [pytest.param({}, id="ptq"), pytest.param(
     {"clip_objective": "output", "reconstruction": True, "recon_method": "gptq", "recon_bits": (8,), "calib_n": 4},
-    id="oclip-gptq"), pytest.param(
+    id="oclip-gptq", marks=pytest.mark.slow), pytest.param(
     {"act_clip": "mse", "smoothquant": True, "reconstruction": True, "recon_bits": (8,), "recon_iters": 10,
-     "calib_n": 4}, id="all", marks=pytest.mark.slow)])  # all: ~3 CPU-minutes (calibrations + two compiles)
+     "calib_n": 4}, id="all", marks=pytest.mark.slow)])  # all, oclip-gptq: ~3 CPU-minutes each (calibrations + compiles)
 def test_integer_execution_within_one_lsb(tiny_denoiser, extra):
     eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config("ptq", **extra))
     bank = reference_bank(eng, "eval", 2)
@@ -296,6 +296,7 @@ def test_gptq_beats_nearest_on_grid_and_runs_in_the_engine(mlp):
     eng = make_engine(mlp, steps=2, qcfg=quant_config("ptq", reconstruction=True, recon_method="gptq", recon_bits=(4,),
                                                       calib_n=8))
     assert eng.recon and eng.qcfg.quantizer_block()["recon_method"] == "gptq"
+    assert quant_config("ptq-gptq").preset == "ptq-gptq" and quant_config("ptq-recon").recon_method == "adaround"
     l = next(iter(eng.recon))
     w = jnp.asarray(mlp.params[mlp.layers[l].path]["kernel"])
     np.testing.assert_array_equal(np.asarray(eng.quantize_weight(l, w, jnp.int32(4))), np.asarray(eng.recon[l][0]))
