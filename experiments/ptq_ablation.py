@@ -7,7 +7,8 @@ Configurations: plain (the engine before the PTQ toolbox), +split (shortcut spli
 +clip (weight MSE clipping search), ptq (all three), then on top of ptq: +pct (percentile activation ranges),
 +amse (MSE activation clipping per layer, step bucket and bit choice), +smooth (SmoothQuant scale migration; the
 ptq-smooth preset), +recon (AdaRound at 4-6 weight bits; the ptq-recon preset), +oclip (output-aware weight clipping
-search at <= 8 weight bits), +oclip+recon (AdaRound on the output-aware grid), +gptq / +oclip+gptq (GPTQ instead of AdaRound), and every further named preset
+search at <= 8 weight bits), +oclip+recon (AdaRound on the output-aware grid), +gptq / +oclip+gptq (GPTQ instead of
+AdaRound; +gptq is the ptq-gptq preset), and every further named preset
 (QUANT_PRESETS: full). ``--configs a,b`` runs a subset (e.g. on a CPU). Each row: final error with its 95 %
 bootstrap CI over images, FD of the samples (the model's feature network), cost, and the engine's setup seconds
 (calibration: splits, input means, clipping search)."""

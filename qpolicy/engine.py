@@ -389,7 +389,8 @@ class QuantEngine:
     def _output_clip_ratios(self, init: dict[tuple[int, str, int], jax.Array]) -> dict[tuple[int, str, int], jax.Array]:
         """Output-aware clipping ratios {(layer, "kernel", part): (C, *scale shape)} of every conv / dense layer with a
         2-D or 4-D kernel: at each bit choice <= OUTPUT_CLIP_MAX_BITS, per output channel, the ratio of CLIP_GRID
-        minimising the layer's output error on its FP calibration inputs (:func:`qpolicy.reconstruct.output_clip_ratios`),
+        minimising the layer's output error on its FP calibration inputs
+        (:func:`qpolicy.reconstruct.output_clip_ratios`),
         searched from the weight-MSE ratios ``init`` (other choices keep them). Cached on disk with everything it
         depends on (config, sampler, calibration images, splits, SmoothQuant scales, the initial ratios)."""
         from .reconstruct import layer_grams, output_clip_ratios
@@ -585,7 +586,7 @@ class QuantEngine:
 
 
 def _tag(arrays: Mapping[Any, Any]) -> str:
-    """A short hash of a dict of arrays (keys sorted): what a cache key records of a calibration product it builds on."""
+    """A short hash of a dict of arrays (keys sorted): what a cache key records of a calibration product it uses."""
     return hashlib.sha256(b"".join(np.asarray(arrays[k]).tobytes() for k in sorted(arrays))).hexdigest()[:12]
 
 

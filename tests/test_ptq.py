@@ -117,7 +117,7 @@ def test_int8_accumulation_equals_float64_reference():
     {"clip_objective": "output", "reconstruction": True, "recon_method": "gptq", "recon_bits": (8,), "calib_n": 4},
     id="oclip-gptq", marks=pytest.mark.slow), pytest.param(
     {"act_clip": "mse", "smoothquant": True, "reconstruction": True, "recon_bits": (8,), "recon_iters": 10,
-     "calib_n": 4}, id="all", marks=pytest.mark.slow)])  # all, oclip-gptq: ~3 CPU-minutes each (calibrations + compiles)
+     "calib_n": 4}, id="all", marks=pytest.mark.slow)])  # all, oclip-gptq: ~3 CPU-minutes each (calibrations, compiles)
 def test_integer_execution_within_one_lsb(tiny_denoiser, extra):
     eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config("ptq", **extra))
     bank = reference_bank(eng, "eval", 2)
