@@ -45,7 +45,7 @@ class EnvConfig:
     bank_size: images in the FP reference bank.
     act_ranges: "dynamic" | "static" activation ranges.
     quant_preset: quantizer preset of the engine (qpolicy.engine.QUANT_PRESETS): "ptq" (the default: splitting,
-        bias correction, clipping) | "ptq-smooth" (ptq + SmoothQuant) | "plain" | "ptq-recon" | "full".
+        bias correction, clipping) | "ptq-smooth" (ptq + SmoothQuant) | "plain" | "ptq-recon" | "ptq-gptq" | "full".
     thumb_size: side of the x_t thumbnail in the observation.
     cost: "bops" (BOPs_l = MACs_l * b_w * b_a) | "latency" (a measured per-(layer, b_w, b_a) table, see
         qpolicy.latency; reward, budgets, baselines and summaries all price schedules by it).

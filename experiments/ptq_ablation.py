@@ -6,7 +6,9 @@ configuration, for the README. Thin entry point over qpolicy.engine.
 Configurations: plain (the engine before the PTQ toolbox), +split (shortcut splitting), +bias (bias correction),
 +clip (weight MSE clipping search), ptq (all three), then on top of ptq: +pct (percentile activation ranges),
 +amse (MSE activation clipping per layer, step bucket and bit choice), +smooth (SmoothQuant scale migration; the
-ptq-smooth preset), +recon (AdaRound at 4-6 weight bits; the ptq-recon preset), and every further named preset
+ptq-smooth preset), +recon (AdaRound at 4-6 weight bits; the ptq-recon preset), +oclip (output-aware weight clipping
+search at <= 8 weight bits), +oclip+recon (AdaRound on the output-aware grid), +gptq / +oclip+gptq (GPTQ instead of
+AdaRound; +gptq is the ptq-gptq preset), and every further named preset
 (QUANT_PRESETS: full). ``--configs a,b`` runs a subset (e.g. on a CPU). Each row: final error with its 95 %
 bootstrap CI over images, FD of the samples (the model's feature network), cost, and the engine's setup seconds
 (calibration: splits, input means, clipping search)."""
@@ -38,7 +40,10 @@ ptq = QUANT_PRESETS["ptq"]
 configs = {"plain": off, "+split": {**off, "split_concat": True}, "+bias": {**off, "bias_correction": True},
            "+clip": {**off, "weight_clipping": True}, "ptq": ptq, "ptq+pct": {**ptq, "act_clip": "percentile"},
            "ptq+amse": {**ptq, "act_clip": "mse"}, "ptq+smooth": {**ptq, "smoothquant": True},
-           "ptq+recon": {**ptq, "reconstruction": True}}
+           "ptq+recon": {**ptq, "reconstruction": True}, "ptq+oclip": {**ptq, "clip_objective": "output"},
+           "ptq+oclip+recon": {**ptq, "clip_objective": "output", "reconstruction": True},
+           "ptq+gptq": {**ptq, "reconstruction": True, "recon_method": "gptq"},
+           "ptq+oclip+gptq": {**ptq, "clip_objective": "output", "reconstruction": True, "recon_method": "gptq"}}
 configs.update({k: v for k, v in QUANT_PRESETS.items() if v not in configs.values()})  # e.g. full
 if a.configs:
     unknown = sorted(set(a.configs.split(",")) - set(configs))

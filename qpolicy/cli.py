@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"quantizer preset (default: {DEFAULT_PRESET}, or the schedule's quantizer block; ptq: "
                             "shortcut splitting, bias correction, weight clipping search; plain: none of them; "
                             "ptq-smooth: ptq + SmoothQuant at weight bits >= 8; ptq-recon: ptq + AdaRound; "
-                            "full: ptq + both)")
+                            "ptq-gptq: ptq + GPTQ; full: ptq + SmoothQuant + AdaRound)")
         q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank (default: eval)")
         q.add_argument("--json", action="store_true", help="print JSON")
 

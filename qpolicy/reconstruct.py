@@ -98,14 +98,45 @@ def layer_rows(den: Any, sampler: Any, layers: list[int], *, n: int, rows: int =
     return {l: v.reshape(-1, v.shape[-1]) for l, v in st.items()}
 
 
+@jax.jit
+def gptq(gram: jax.Array, w: jax.Array, scale: jax.Array, qmin: jax.Array, qmax: jax.Array, damp: float = 0.01
+         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """GPTQ (Frantar et al. 2023) on a fixed grid: the rows of a (D, Cout) matmul weight ``w`` are rounded one at a
+    time to the grid ``scale`` (broadcast to w) with integer bounds [qmin, qmax], and each row's rounding error is
+    compensated on the rows not yet rounded through the inverse of H = ``gram`` + damp·mean(diag)·I (``gram``: the
+    input rows' second moment, :func:`layer_grams`). Returns (W_q on the grid, output error of W_q, output error of
+    nearest rounding), errors as ΔWᵀ·gram·ΔW summed over output channels."""
+    d = w.shape[0]
+    diag = jnp.diag(gram)
+    h = gram + (damp * jnp.maximum(jnp.mean(diag), 1e-12)) * jnp.eye(d, dtype=gram.dtype)
+    u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T  # upper factor of H⁻¹ (GPTQ's Hinv)
+    q = lambda v, s: jnp.clip(jnp.round(v / s), qmin, qmax) * s  # noqa: E731
+    later = jnp.arange(d)
+
+    def body(k, carry):
+        wk, out = carry
+        row = q(wk[k], scale[k])
+        e = (wk[k] - row) / u[k, k]
+        wk = wk - jnp.where((later > k)[:, None], jnp.outer(u[k], e), 0.0)
+        return wk, out.at[k].set(row)
+
+    _, wq = jax.lax.fori_loop(0, d, body, (w, jnp.zeros_like(w)))
+    err = lambda v: jnp.sum((gram @ (v - w)) * (v - w))  # noqa: E731
+    return wq, err(wq), err(q(w, scale))
+
+
 def reconstruct_weights(den: Any, sampler: Any, layers: list[int], grid_of: Callable[[int, jax.Array], Any],
-                        choices: tuple[int, ...], *, n: int, iters: int = 300, rows: int = 1024
-                        ) -> dict[int, jax.Array]:
-    """``{l: (len(choices), *kernel shape)}`` AdaRound weights of each layer at each bit choice. ``grid_of(l, bits)``
-    returns (scale, qmin, qmax): the layer quantizer's step per kernel entry (kernel shape, in the kernel's own basis:
-    SmoothQuant's step on s·W divided by s) and integer bounds. Where learned rounding does not beat nearest rounding
-    on the calibration rows, nearest rounding is kept."""
-    xs = layer_rows(den, sampler, layers, n=n, rows=rows)
+                        choices: tuple[int, ...], *, n: int, iters: int = 300, rows: int = 1024,
+                        method: str = "adaround", center: bool = True) -> dict[int, jax.Array]:
+    """``{l: (len(choices), *kernel shape)}`` reconstructed weights of each layer at each bit choice: AdaRound on
+    sampled calibration rows (``method="adaround"``) or GPTQ on the calibration inputs' second moments (``"gptq"``,
+    centred per step with ``center``). ``grid_of(l, bits)`` returns (scale, qmin, qmax): the layer quantizer's step per
+    kernel entry (kernel shape, in the kernel's own basis: SmoothQuant's step on s·W divided by s) and integer bounds.
+    Where the reconstruction does not beat nearest rounding on the calibration data, nearest rounding is kept."""
+    if method == "gptq":
+        xs = layer_grams(den, sampler, layers, n=n, center=center)
+    else:
+        xs = layer_rows(den, sampler, layers, n=n, rows=rows)
     out = {}
     for l in layers:
         w = jnp.asarray(layer_params(den.params, den.layers[l])["kernel"], jnp.float32)
@@ -114,9 +145,73 @@ def reconstruct_weights(den: Any, sampler: Any, layers: list[int], grid_of: Call
         for b in choices:
             scale, qmin, qmax = grid_of(l, jnp.int32(b))
             s2 = jnp.broadcast_to(scale, w.shape).reshape(w2.shape)
-            wq, e_ada, e_near = adaround(xs[l], w2, s2, qmin, qmax, iters=iters)
+            if method == "gptq":
+                wq, e_ada, e_near = gptq(xs[l], w2, s2, qmin, qmax)
+            else:
+                wq, e_ada, e_near = adaround(xs[l], w2, s2, qmin, qmax, iters=iters)
             if not float(e_ada) < float(e_near):
                 wq = jnp.clip(jnp.round(w2 / s2), qmin, qmax) * s2
             per.append(wq.reshape(w.shape))
         out[l] = jnp.stack(per)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- output-aware clipping
+def layer_grams(den: Any, sampler: Any, layers: list[int], *, n: int, center: bool, seed: int = BANK_SEEDS["calib"],
+                budget: int = 1 << 25) -> dict[int, jax.Array]:
+    """``{l: (D, D) second moment E[x xᵀ] of layer l's input rows}`` over every position of ``n`` calibration images'
+    FP inputs at every sampler step (rows: k×k patches for a conv, feature vectors for a dense layer), centred per step
+    (``center``: the covariance, what is left once a per-step bias absorbs the mean), steps weighted equally. Layers
+    run in groups of about ``budget`` Gram entries (one FP pass each)."""
+    def stat(l, a):
+        ws = den.layers[l].weight_shape
+        r = conv_rows(a, ws[:-2]) if len(ws) > 2 else a.reshape(-1, a.shape[-1])
+        if center:  # rows minus their mean (not E[xxᵀ] − mmᵀ, which cancels badly for near-constant inputs)
+            r = r - jnp.mean(r, 0)
+        return r.T @ r / r.shape[0]
+
+    out: dict[int, jax.Array] = {}
+    group: list[int] = []
+    size = lambda l: int(np.prod(den.layers[l].weight_shape[:-1])) ** 2 * sampler.num_steps  # noqa: E731
+    for l in sorted(layers, key=size) + [None]:
+        if group and (l is None or sum(map(size, group)) + size(l) > budget):
+            st = fp_layer_stats(den, sampler, stat, group, n=n, seed=seed)
+            out.update({k: v.mean(0) for k, v in st.items()})
+            group = []
+        if l is not None:
+            group.append(l)
+    return out
+
+
+def output_clip_ratios(gram: jax.Array, dw_of: Callable[[list[jax.Array], jax.Array], jax.Array],
+                       init: list[jax.Array], grid: tuple[float, ...], bits: list[int], *, sweeps: int = 2
+                       ) -> list[jax.Array]:
+    """Output-aware clipping search of one layer: for each weight bit choice in ``bits``, the clipping ratios (one per
+    input-channel slice, each in the weight scale's shape: per output channel or per tensor) minimising the layer's
+    output error ΔWᵀ·G·ΔW per output channel (G the input rows' second moment, :func:`layer_grams`;
+    ``dw_of(ratios, bits)`` the (D, Cout) weight error Q(W) − W under those ratios, jittable in traced bits). Each
+    slice's ratio is searched over ``grid`` with the others fixed (coordinate descent from ``init``, ``sweeps`` passes
+    when the input is split); a ratio changes only where it lowers the error, so the output error is never above
+    ``init``'s (ties, e.g. a zero Gram, keep ``init``). ``init``: per slice, (len(bits), *scale shape) ratios; returns
+    the same layout."""
+    grid_a = jnp.asarray(grid, jnp.float32)
+
+    def err_of(rs, b):  # output error per scale entry
+        d = dw_of(rs, b)
+        e = jnp.sum((gram @ d) * d, 0)
+        return e.reshape(rs[0].shape) if rs[0].size == e.size else jnp.sum(e).reshape(rs[0].shape)
+
+    @jax.jit
+    def search(rs, b):
+        err = err_of(rs, b)
+        for _ in range(sweeps if len(rs) > 1 else 1):
+            for j in range(len(rs)):
+                errs = jax.vmap(lambda g: err_of([*rs[:j], jnp.full_like(rs[j], g), *rs[j + 1:]], b))(grid_a)
+                e = jnp.min(errs, 0)
+                better = e < err * (1 - 1e-6)
+                rs = [*rs[:j], jnp.where(better, grid_a[jnp.argmin(errs, 0)], rs[j]), *rs[j + 1:]]
+                err = jnp.where(better, e, err)
+        return rs
+
+    found = [search([jnp.asarray(r[c], jnp.float32) for r in init], jnp.int32(b)) for c, b in enumerate(bits)]
+    return [jnp.stack([f[j] for f in found]) for j in range(len(init))]

@@ -114,8 +114,10 @@ def test_int8_accumulation_equals_float64_reference():
 
 
 @pytest.mark.parametrize("extra", [pytest.param({}, id="ptq"), pytest.param(
+    {"clip_objective": "output", "reconstruction": True, "recon_method": "gptq", "recon_bits": (8,), "calib_n": 4},
+    id="oclip-gptq", marks=pytest.mark.slow), pytest.param(
     {"act_clip": "mse", "smoothquant": True, "reconstruction": True, "recon_bits": (8,), "recon_iters": 10,
-     "calib_n": 4}, id="all", marks=pytest.mark.slow)])  # all: ~3 CPU-minutes (calibrations + two compiles)
+     "calib_n": 4}, id="all", marks=pytest.mark.slow)])  # all, oclip-gptq: ~3 CPU-minutes each (calibrations, compiles)
 def test_integer_execution_within_one_lsb(tiny_denoiser, extra):
     eng = make_engine(tiny_denoiser, steps=2, qcfg=quant_config("ptq", **extra))
     bank = reference_bank(eng, "eval", 2)
@@ -241,3 +243,62 @@ def test_new_switches_round_trip_and_keep_bits_traced(mlp):
     with pytest.raises(ValueError, match="act_clip must be one of"):
         quant_config("ptq", act_clip="kl")
     assert not quant_config("ptq", smoothquant=True, act_ranges="static").smoothquant  # static: no migration
+
+
+def test_output_clipping_lowers_layer_output_error(mlp):
+    """clip_objective="output": on the calibration inputs' second moments, every layer's output error at every searched
+    bit choice is no larger than under the weight-MSE ratios, strictly lower somewhere at 4 bits; the constant-input
+    time layer (its error is all absorbed by the per-step bias correction) keeps the weight-MSE ratios; choices above
+    8 bits keep them too; the switch is recorded in the quantizer block and needs weight_clipping."""
+    from qpolicy.reconstruct import layer_grams
+
+    wmse = make_engine(mlp, steps=2, qcfg=quant_config("ptq", calib_n=8))
+    out = make_engine(mlp, steps=2, qcfg=quant_config("ptq", clip_objective="output", calib_n=8))
+    assert out.qcfg.quantizer_block()["clip_objective"] == "output" and out.qcfg.preset == "custom"
+    assert wmse.qcfg.quantizer_block()["clip_objective"] == "weight"
+    layers = [lay.index for lay in mlp.layers]
+    grams = layer_grams(mlp, out.sampler, layers, n=8, center=True)
+    choices = list(out.qcfg.bit_choices)
+    gains = {}
+    for l in layers:
+        w = jnp.asarray(mlp.params[mlp.layers[l].path]["kernel"], jnp.float32)
+        for b in (2, 3, 4, 5, 6, 8):
+            err = lambda eng: float(jnp.sum((grams[l] @ (d := eng.quantize_weight(l, w, jnp.int32(b)) - w)) * d))
+            e_out, e_w = err(out), err(wmse)
+            assert e_out <= e_w * (1 + 1e-5) + 1e-12, (l, b, e_out, e_w)
+            gains[(l, b)] = e_out / max(e_w, 1e-30)
+    assert min(g for (l, b), g in gains.items() if b == 4) < 0.9
+    temb = next(lay.index for lay in mlp.layers if lay.path == "temb")
+    np.testing.assert_array_equal(np.asarray(out.clip_ratios[(temb, "kernel", 0)]),
+                                  np.asarray(wmse.clip_ratios[(temb, "kernel", 0)]))
+    for k, r in out.clip_ratios.items():  # above 8 bits: the weight-MSE ratios
+        hi = [choices.index(b) for b in choices if b > 8]
+        np.testing.assert_array_equal(np.asarray(r)[hi], np.asarray(wmse.clip_ratios[k])[hi])
+    with pytest.raises(ValueError, match="needs weight_clipping"):
+        quant_config("plain", clip_objective="output")
+
+
+def test_gptq_beats_nearest_on_grid_and_runs_in_the_engine(mlp):
+    """GPTQ (recon_method="gptq"): lower output error than nearest rounding on correlated inputs, every entry an
+    integer code within the bounds of the fixed grid; in the engine the reconstructed 4-bit weights are used and 8
+    (not in recon_bits) is left to nearest rounding."""
+    from qpolicy.reconstruct import gptq
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((512, 32)) @ rng.standard_normal((32, 32)), jnp.float32)  # correlated inputs
+    w = jnp.asarray(rng.standard_normal((32, 4)), jnp.float32)
+    scale = jnp.broadcast_to(jnp.abs(w).max(0, keepdims=True) / 7, w.shape)  # 4 bits, per output channel
+    wq, e, e_near = gptq(x.T @ x / x.shape[0], w, scale, -7.0, 7.0)
+    assert float(e) < 0.8 * float(e_near)
+    code = np.asarray(wq / scale)
+    np.testing.assert_allclose(code, np.round(code), atol=1e-4)
+    assert np.abs(np.round(code)).max() <= 7
+    eng = make_engine(mlp, steps=2, qcfg=quant_config("ptq", reconstruction=True, recon_method="gptq", recon_bits=(4,),
+                                                      calib_n=8))
+    assert eng.recon and eng.qcfg.quantizer_block()["recon_method"] == "gptq"
+    assert quant_config("ptq-gptq").preset == "ptq-gptq" and quant_config("ptq-recon").recon_method == "adaround"
+    l = next(iter(eng.recon))
+    w = jnp.asarray(mlp.params[mlp.layers[l].path]["kernel"])
+    np.testing.assert_array_equal(np.asarray(eng.quantize_weight(l, w, jnp.int32(4))), np.asarray(eng.recon[l][0]))
+    with pytest.raises(ValueError, match="recon_method must be one of"):
+        quant_config("ptq", recon_method="brecq")
