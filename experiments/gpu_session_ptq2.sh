@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # H100 session (PTQ issue, second ablation pass): the rows the first post-merge call could not finish —
-# patches32 under ptq+smooth / ptq+recon / full, digits16 under ptq+recon / full — each under a time cap so both
+# patches32 under ptq+smooth / ptq+gptq / ptq+recon / full, digits16 under ptq+gptq / ptq+recon / full — each under a time cap so both
 # models report (ptq_ablation.py writes its JSON after every configuration). Run from the repo root with $OUT set.
 set -uo pipefail
 OUT=${OUT:-out/gpu}
@@ -9,7 +9,7 @@ ln -sfn ../envs qpolicy/envs; ln -sfn ../agents qpolicy/agents
 export PYTHONPATH=/tmp/site:$PWD WANDB_MODE=disabled PYTHONUNBUFFERED=1 QPOLICY_CACHE=/tmp/qcache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout "${T1:-330}" python3 experiments/ptq_ablation.py --model patches32 --n 1000 --bits 8/8,8/16,4/8 \
-  --configs ptq+smooth,ptq+recon,full --out "$OUT/ptq_ablation2_patches32.json" 2>&1 | grep -v it/s | tee "$OUT/log_patches32.txt"
+  --configs ptq+smooth,ptq+gptq,ptq+recon,full --out "$OUT/ptq_ablation2_patches32.json" 2>&1 | grep -v it/s | tee "$OUT/log_patches32.txt"
 timeout "${T2:-200}" python3 experiments/ptq_ablation.py --model digits16 --n 1000 --bits 4/8,8/8 \
-  --configs ptq+recon,full --out "$OUT/ptq_ablation2_digits16.json" 2>&1 | grep -v it/s | tee "$OUT/log_digits16.txt"
+  --configs ptq+gptq,ptq+recon,full --out "$OUT/ptq_ablation2_digits16.json" 2>&1 | grep -v it/s | tee "$OUT/log_digits16.txt"
 rm -f qpolicy/envs qpolicy/agents
