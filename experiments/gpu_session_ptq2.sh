@@ -8,8 +8,8 @@ mkdir -p "$OUT"
 ln -sfn ../envs qpolicy/envs; ln -sfn ../agents qpolicy/agents
 export PYTHONPATH=/tmp/site:$PWD WANDB_MODE=disabled PYTHONUNBUFFERED=1 QPOLICY_CACHE=/tmp/qcache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout "${T1:-330}" python3 experiments/ptq_ablation.py --model patches32 --n 1000 --bits 8/8,8/16,4/8 \
-  --configs ptq+smooth,ptq+gptq,ptq+recon,full --out "$OUT/ptq_ablation2_patches32.json" 2>&1 | grep -v it/s | tee "$OUT/log_patches32.txt"
-timeout "${T2:-200}" python3 experiments/ptq_ablation.py --model digits16 --n 1000 --bits 4/8,8/8 \
+timeout "${T1:-200}" python3 experiments/ptq_ablation.py --model digits16 --n 1000 --bits 4/8,8/8 \
   --configs ptq+gptq,ptq+recon,full --out "$OUT/ptq_ablation2_digits16.json" 2>&1 | grep -v it/s | tee "$OUT/log_digits16.txt"
+timeout "${T2:-330}" python3 experiments/ptq_ablation.py --model patches32 --n 1000 --bits 8/8,8/16,4/8 \
+  --configs ptq+smooth,ptq+gptq,ptq+recon,full --out "$OUT/ptq_ablation2_patches32.json" 2>&1 | grep -v it/s | tee "$OUT/log_patches32.txt"
 rm -f qpolicy/envs qpolicy/agents
