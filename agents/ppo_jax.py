@@ -23,36 +23,36 @@ the final sample), ``cost`` (info["cost"]: total relative BOPs C_total), ``traj_
 ``bits_a_mean``, ``fd_proxy`` where the core reports them; ``episodes`` (count); and the loss terms averaged
 over epochs and minibatches: ``total_loss``, ``policy_loss``, ``value_loss``, ``entropy`` (summed over heads),
 ``approx_kl``, ``clip_frac``; plus ``lr``.
+
+This module holds the training (the pure update, the chunked driver ``train``); the config is in
+:mod:`~qpolicy.agents.ppo_config`, the network, action heads and ``policy_fn`` in :mod:`~qpolicy.agents.ppo_networks`,
+checkpoints and policy folders in :mod:`~qpolicy.agents.ppo_checkpoint`. All their public names are importable from
+here.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import time
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qpolicy.config import check, is_int
-from qpolicy.envs.spaces import heads
-from qpolicy.io import atomic_write_json, load_pytree, read_json, save_pytree
+from qpolicy.config import is_int
 from qpolicy.sharding import EnvSharding, env_sharding
+
+# re-exported: every name stays importable from qpolicy.agents.ppo_jax
+from .ppo_checkpoint import META_FILE, POLICY_FORMAT, POLICY_VERSION, WEIGHTS_FILE, Checkpointer, load_policy, \
+    save_policy  # noqa: F401
+from .ppo_config import PPOConfig
+from .ppo_networks import ActorCritic, _action_spec, _MultiCategorical, _obs_size, core_meta, policy_fn  # noqa: F401
 
 __all__ = ["PPOConfig", "ActorCritic", "PPOTrainer", "PPOResult", "Checkpointer", "make_train", "train", "policy_fn",
            "core_meta", "save_policy", "load_policy"]
-
-POLICY_FORMAT = "qpolicy.ppo_jax"
-POLICY_VERSION = 1
-WEIGHTS_FILE = "policy.msgpack"
-META_FILE = "policy.json"
 
 #: env info keys averaged over finished episodes -> metric name
 INFO_METRICS = {"error": "final_error", "cost": "cost", "traj_error": "traj_error",
@@ -60,248 +60,6 @@ INFO_METRICS = {"error": "final_error", "cost": "cost", "traj_error": "traj_erro
 LOSS_METRICS = ("total_loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac")
 #: bounds of the Lagrangian dual variable (cost_target): a target no policy can reach saturates here, visibly
 LAM_MIN, LAM_MAX = 1e-6, 1e6
-
-
-
-
-# ---------------------------------------------------------------------------------------------- config
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PPOConfig:
-    """PPO hyper-parameters.
-
-    num_envs: parallel envs (vmapped core).
-    num_steps: rollout length per env per update.
-    total_timesteps: env decisions per seed; num_updates = total_timesteps // (num_envs * num_steps).
-    update_epochs: passes over each rollout batch.
-    num_minibatches: minibatches per pass (must divide num_envs * num_steps).
-    lr: Adam step size.
-    anneal_lr: anneal lr linearly to 0 over the run.
-    gamma: discount.
-    gae_lambda: GAE λ.
-    clip_eps: PPO ratio clip (also the value clip).
-    ent_coef: entropy bonus weight.
-    vf_coef: value-loss weight.
-    max_grad_norm: global-norm gradient clip (inf disables it).
-    hidden: MLP widths of the actor and critic torsos (separate networks, tanh).
-    seed: base seed.
-    num_seeds: independent seeds trained together (vmapped) from jax.random.split(key(seed), num_seeds).
-    cost_target: None (the env's cost weight lam stays fixed) or the target of the *mean* episode cost over the
-        rollout batch (env info "cost", BOPs / FP32 BOPs of the trajectory; 0.0625 = uniform W8A8): a Lagrangian
-        PPO whose dual variable lam (the env's cost weight, carried per seed) follows
-        log lam += dual_lr * (mean cost / cost_target - 1) after every update, so the policy may spend more bits on
-        inputs where they buy more error, as long as the batch mean meets the target. Needs env params with a
-        ``lam`` field (the quantized-diffusion envs; reward "delta" or "terminal").
-    dual_lr: step of log lam per update, per unit of relative constraint violation (cost_target only).
-    warm_start: None, "ilp" (the sensitivity ILP on the train bank at cost_target, else env.budget) or a schedule
-        file: the actor starts by playing that static schedule (behaviour cloning, :mod:`qpolicy.agents.warm_start`;
-        applied by ``qpolicy train``, its search compute charged to the learned policy).
-    warm_start_epochs: full-batch Adam steps of the behaviour cloning.
-    warm_start_smoothing: label smoothing of the cloning targets (keeps PPO exploring around the schedule).
-    devices: local devices the env batch is split over (qpolicy.sharding): None = all of them when they divide
-        num_envs, else one; an integer n = exactly n (must divide num_envs). Results do not depend on it (up to
-        the order of floating-point sums).
-    """
-
-    num_envs: int = 16
-    num_steps: int = 32
-    total_timesteps: int = 20_000
-    update_epochs: int = 4
-    num_minibatches: int = 4
-    lr: float = 3e-4
-    anneal_lr: bool = True
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_eps: float = 0.2
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    hidden: tuple[int, ...] = (128, 128)
-    seed: int = 0
-    num_seeds: int = 1
-    cost_target: float | None = None
-    dual_lr: float = 0.1
-    warm_start: str | None = None
-    warm_start_epochs: int = 300
-    warm_start_smoothing: float = 0.1
-    devices: int | None = None
-
-    def __post_init__(self) -> None:
-        put = lambda name, **rule: object.__setattr__(self, name, check(name, getattr(self, name), **rule))
-        for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches", "num_seeds"):
-            put(name, kind="int", lo=1)
-        put("seed", kind="int", lo=0)
-        put("devices", kind="int", lo=1, optional=True)
-        put("anneal_lr", kind="bool")
-        for name in ("lr", "clip_eps", "dual_lr"):
-            put(name, kind="real", lo=0, lo_open=True)
-        if self.cost_target is not None:
-            put("cost_target", kind="real", lo=0, lo_open=True)
-        put("warm_start_epochs", kind="int", lo=1)
-        put("warm_start_smoothing", kind="real", lo=0, hi=1, hi_open=True)
-        if self.warm_start is not None and (not isinstance(self.warm_start, str) or not self.warm_start):
-            raise ValueError(f"warm_start must be None, 'ilp' or a schedule file path, got {self.warm_start!r}")
-        for name in ("gamma", "gae_lambda"):
-            put(name, kind="real", lo=0, hi=1)
-        for name in ("ent_coef", "vf_coef"):
-            put(name, kind="real", lo=0)
-        put("max_grad_norm", kind="real", lo=0, lo_open=True, hi=math.inf)  # inf disables clipping
-        hidden = self.hidden
-        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) or not hidden or \
-                not all(is_int(h) and h >= 1 for h in hidden):
-            raise ValueError(f"hidden must be a non-empty sequence of integers >= 1 (e.g. (128, 128)), got {hidden!r}")
-        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
-        if self.batch_size % self.num_minibatches:
-            divisors = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
-            raise ValueError(f"num_minibatches ({self.num_minibatches}) must divide the rollout batch "
-                             f"num_envs * num_steps = {self.batch_size}; accepted: {divisors}")
-        if self.total_timesteps < self.batch_size:
-            raise ValueError(f"total_timesteps ({self.total_timesteps}) must be >= num_envs * num_steps "
-                             f"= {self.batch_size} (one update)")
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_envs * self.num_steps
-
-    @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
-    def num_updates(self) -> int:
-        return self.total_timesteps // self.batch_size
-
-    def replace(self, **kw: Any) -> "PPOConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "PPOConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown PPOConfig field(s) {unknown}; accepted: {sorted(fields)}")
-        d = dict(d)
-        if "hidden" in d and isinstance(d["hidden"], list):
-            d["hidden"] = tuple(d["hidden"])
-        return cls(**d)
-
-
-# ---------------------------------------------------------------------------------------------- action space
-def _action_spec(core: Any) -> tuple[tuple[int, ...], bool]:
-    """(per-head sizes, scalar_action) of an env (from its action space) or of a :func:`core_meta` dict (saved
-    policies: ``action_nvec`` [] means a single Discrete(``num_choices``))."""
-    if not isinstance(core, Mapping):
-        return heads(core.action_space())
-    if "action_nvec" not in core:
-        raise ValueError("core metadata lacks 'action_nvec' (build it with qpolicy.agents.ppo_jax.core_meta)")
-    nvec = tuple(int(n) for n in core["action_nvec"])
-    if nvec:
-        if any(n < 1 for n in nvec):
-            raise ValueError(f"action_nvec entries must be >= 1, got {nvec}")
-        return nvec, False
-    if core.get("num_choices") is None:
-        raise ValueError("empty action_nvec (a single Discrete action) needs 'num_choices' in the metadata")
-    return (int(core["num_choices"]),), True
-
-
-def _obs_size(core: Any) -> int:
-    if isinstance(core, Mapping):
-        return int(core["obs_size"])
-    return int(core.observation_space().shape[0])
-
-
-def core_meta(core: Any) -> dict:
-    """JSON-able description of an env for :func:`save_policy`: obs_size, action_nvec ([] for a single Discrete
-    action), num_choices, episode_length, layerwise, and the env config (non-JSON values as strings) when the
-    env has one."""
-    nvec, scalar = _action_spec(core)
-    meta: dict[str, Any] = {"obs_size": _obs_size(core), "action_nvec": [] if scalar else list(nvec),
-                            "num_choices": nvec[0] if scalar or len(set(nvec)) == 1 else None,
-                            "episode_length": int(getattr(core, "episode_length", 0)) or None,
-                            "layerwise": bool(getattr(core, "layerwise", False))}
-    cfg = getattr(core, "config", None)
-    if cfg is not None and dataclasses.is_dataclass(cfg):
-        env = {}
-        for f in dataclasses.fields(cfg):
-            v = getattr(cfg, f.name)
-            if f.name == "model" and not isinstance(v, (str, Path)):
-                v = getattr(v, "name", type(v).__name__)
-            env[f.name] = list(v) if isinstance(v, tuple) else (v if isinstance(v, (int, float, str, bool))
-                                                                 or v is None else str(v))
-        meta["env_config"] = env
-    prof = getattr(core, "profiles", None)
-    if prof is not None:  # action_space 'profiles': what each action means travels with the policy
-        meta["profiles"] = prof.to_dict()
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------- network
-class ActorCritic(nn.Module):
-    """Actor and critic MLPs (separate tanh torsos of widths ``hidden``).
-
-    ``__call__(obs (..., D)) -> (logits (..., sum(nvec)), value (...))``: one categorical per nvec entry,
-    its logits being the entry's slice of the concatenated logits."""
-
-    nvec: tuple[int, ...]
-    hidden: tuple[int, ...] = (128, 128)
-
-    @nn.compact
-    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        ortho = nn.initializers.orthogonal
-        zeros = nn.initializers.zeros
-        a = obs
-        for i, h in enumerate(self.hidden):
-            a = nn.tanh(nn.Dense(h, kernel_init=ortho(math.sqrt(2)), bias_init=zeros, name=f"actor_{i}")(a))
-        logits = nn.Dense(sum(self.nvec), kernel_init=ortho(0.01), bias_init=zeros, name="actor_out")(a)
-        v = obs
-        for i, h in enumerate(self.hidden):
-            v = nn.tanh(nn.Dense(h, kernel_init=ortho(math.sqrt(2)), bias_init=zeros, name=f"critic_{i}")(v))
-        value = nn.Dense(1, kernel_init=ortho(1.0), bias_init=zeros, name="critic_out")(v)
-        return logits, value[..., 0]
-
-
-class _MultiCategorical:
-    """Independent categoricals over the heads of a MultiDiscrete action. logits (..., sum(nvec)),
-    actions (..., H) int32. Equal head sizes use one reshape instead of H slices."""
-
-    def __init__(self, logits: jax.Array, nvec: tuple[int, ...]):
-        self.nvec = nvec
-        if len(set(nvec)) == 1:
-            self.heads = [logits.reshape(*logits.shape[:-1], len(nvec), nvec[0])]
-            self.uniform = True
-        else:
-            self.heads = list(jnp.split(logits, np.cumsum(nvec)[:-1], axis=-1))
-            self.uniform = False
-
-    def _logp_tables(self):
-        return [jax.nn.log_softmax(h, axis=-1) for h in self.heads]
-
-    def log_prob(self, actions: jax.Array) -> jax.Array:
-        tabs = self._logp_tables()
-        if self.uniform:
-            lp = jnp.take_along_axis(tabs[0], actions[..., None], axis=-1)[..., 0]
-            return lp.sum(-1)
-        return sum(jnp.take_along_axis(t, actions[..., j:j + 1], axis=-1)[..., 0] for j, t in enumerate(tabs))
-
-    def entropy(self) -> jax.Array:
-        ent = [-(jnp.exp(t) * t).sum(-1) for t in self._logp_tables()]
-        return ent[0].sum(-1) if self.uniform else sum(ent)
-
-    def sample(self, key: jax.Array) -> jax.Array:
-        if self.uniform:
-            return jax.random.categorical(key, self.heads[0], axis=-1).astype(jnp.int32)
-        keys = jax.random.split(key, len(self.heads))
-        return jnp.stack([jax.random.categorical(k, h, axis=-1) for k, h in zip(keys, self.heads)],
-                         -1).astype(jnp.int32)
-
-    def mode(self) -> jax.Array:
-        if self.uniform:
-            return jnp.argmax(self.heads[0], axis=-1).astype(jnp.int32)
-        return jnp.stack([jnp.argmax(h, axis=-1) for h in self.heads], -1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -529,79 +287,6 @@ def _chunk_size(num_updates: int, target_chunks: int) -> int:
     return max(d for d in range(1, cap + 1) if num_updates % d == 0)
 
 
-class Checkpointer:
-    """Periodic checkpoints of a PPO run (all seeds' params, optimizer states, env states, observations, episode
-    returns, RNG and the update index) in ``folder``: ``ppo_<update>.msgpack`` + ``ppo_<update>.json`` (update,
-    fingerprint), each written atomically, JSON last; only the latest is kept. Resuming from one continues the
-    run bit-exactly (same chunks, same compiled update).
-
-    every: updates between checkpoints (rounded up to whole chunks); fingerprint: the run config's, checked on
-    restore."""
-
-    def __init__(self, folder: str | Path, every: int, fingerprint: str | None = None):
-        self.folder, self.every, self.fingerprint = Path(folder), max(int(every), 1), fingerprint
-        self.last = 0
-
-    def latest(self) -> Path | None:
-        found = sorted(self.folder.glob("ppo_*.json"))
-        return found[-1] if found else None
-
-    def _meta(self, meta_file: Path) -> dict:
-        meta = read_json(meta_file, what="PPO checkpoint metadata")
-        if not isinstance(meta, dict) or not is_int(meta.get("update")):
-            raise ValueError(f"{meta_file} is not a PPO checkpoint record (needs an integer 'update'); delete "
-                             f"{self.folder} to start over")
-        return meta
-
-    def latest_update(self) -> int | None:
-        """The update index of the latest checkpoint (None when there is none)."""
-        f = self.latest()
-        return None if f is None else int(self._meta(f)["update"])
-
-    def restore(self, template: Any) -> tuple[Any, int]:
-        """(runner, update) from the latest checkpoint, or (template, 0) when there is none."""
-        meta_file = self.latest()
-        if meta_file is None:
-            return template, 0
-        from qpolicy.rundir import check_fingerprint
-
-        meta = self._meta(meta_file)
-        check_fingerprint(meta.get("fingerprint"), self.fingerprint or meta.get("fingerprint"),
-                          what=f"checkpoint {meta_file.name}", where=self.folder)
-        raw = load_pytree(meta_file.with_suffix(".msgpack"), what="PPO checkpoint")
-        leaves, treedef = jax.tree_util.tree_flatten(template)
-        got = [raw.get(str(i)) for i in range(len(leaves))] if isinstance(raw, dict) else []
-        out = []
-        for i, (t, g) in enumerate(zip(leaves, got)):
-            is_key = jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
-            want = jax.random.key_data(t).shape if is_key else t.shape
-            if g is None or tuple(np.shape(g)) != tuple(want):
-                raise ValueError(f"{meta_file.with_suffix('.msgpack')} does not match this run (leaf {i}: "
-                                 f"{None if g is None else np.shape(g)} vs {tuple(want)}); delete "
-                                 f"{self.folder} to start over")
-            out.append(jax.random.wrap_key_data(jnp.asarray(g), impl=jax.random.key_impl(t)) if is_key
-                       else jnp.asarray(g, t.dtype))
-        if len(got) != len(leaves):
-            raise ValueError(f"{meta_file.with_suffix('.msgpack')} does not match this run; delete {self.folder}")
-        self.last = int(meta["update"])
-        return jax.tree_util.tree_unflatten(treedef, out), self.last
-
-    def maybe_save(self, runner: Any, update: int, *, final: bool = False) -> Path | None:
-        if not final and update - self.last < self.every:
-            return None
-        host = [np.asarray(jax.random.key_data(x)) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-                else np.asarray(x) for x in jax.tree_util.tree_leaves(runner)]
-        name = self.folder / f"ppo_{update:08d}"
-        old = list(self.folder.glob("ppo_*"))
-        save_pytree(name.with_suffix(".msgpack"), {str(i): x for i, x in enumerate(host)})
-        atomic_write_json(name.with_suffix(".json"), {"update": int(update), "fingerprint": self.fingerprint})
-        for f in old:  # keep only the newest (written first, so a kill leaves at least one complete checkpoint)
-            if f.stem != name.name:
-                f.unlink(missing_ok=True)
-        self.last = update
-        return name
-
-
 def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool = True,
           num_chunks: int = 20, checkpoint: Checkpointer | None = None,
           on_chunk: Callable[[dict, int], None] | None = None, init_params: Any = None) -> PPOResult:
@@ -696,72 +381,3 @@ def train(core: Any, cfg: PPOConfig, *, env_params: Any = None, progress: bool =
                      env_steps_per_s=total_steps / max(run_s, 1e-9), wall_s=time.perf_counter() - t0,
                      compile_s=compile_s, trace_counts=dict(trainer.trace_counts), devices=es.size,
                      runner=runner)
-
-
-# ---------------------------------------------------------------------------------------------- policy
-def policy_fn(cfg: PPOConfig, core: Any) -> Callable[..., jax.Array]:
-    """``act(params, obs (..., D), key, deterministic=False) -> action`` for one seed's params.
-
-    action: (..., H) int32 choice indices (H heads of a MultiDiscrete space), or (...) for a Discrete space. deterministic (bool or traced bool) takes the argmax of each head. ``core`` may be a core
-    or a :func:`core_meta` dict. Pure and jittable."""
-    nvec, scalar = _action_spec(core)
-    net = ActorCritic(nvec=nvec, hidden=cfg.hidden)
-
-    def act(params, obs, key, deterministic=False):
-        logits, _ = net.apply(params, jnp.asarray(obs, jnp.float32))
-        dist = _MultiCategorical(logits, nvec)
-        a = jnp.where(deterministic, dist.mode(), dist.sample(key))
-        return a[..., 0] if scalar else a
-
-    return act
-
-
-def save_policy(path: str | Path, params: Any, cfg: PPOConfig, core_meta: Mapping) -> Path:
-    """Write a policy folder ``path``: ``policy.msgpack`` (params) and ``policy.json`` (format, config,
-    core metadata; see :func:`core_meta`). Both files are written atomically, JSON last."""
-    if not isinstance(cfg, PPOConfig):
-        raise ValueError(f"cfg must be a PPOConfig, got {type(cfg).__name__}")
-    if not isinstance(core_meta, Mapping):
-        raise ValueError(f"core_meta must be a dict (see qpolicy.agents.ppo_jax.core_meta), got "
-                         f"{type(core_meta).__name__}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_pytree(path / WEIGHTS_FILE, params)
-    atomic_write_json(path / META_FILE, {"format": POLICY_FORMAT, "version": POLICY_VERSION,
-                                         "config": cfg.to_dict(), "meta": dict(core_meta)})
-    return path
-
-
-def load_policy(path: str | Path) -> tuple[Any, PPOConfig, dict]:
-    """Read a folder written by :func:`save_policy` -> (params (jax arrays), cfg, meta).
-
-    Raises FileNotFoundError for a missing folder/file and ValueError for a corrupt or foreign one, or for
-    params whose shapes do not match the saved config and metadata."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"policy folder not found: {path} (expected {META_FILE} and {WEIGHTS_FILE})")
-    doc = read_json(path / META_FILE, what="policy metadata")
-    if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT:
-        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"{path / META_FILE}: field 'format' is {got!r}, expected {POLICY_FORMAT!r}")
-    if doc.get("version") != POLICY_VERSION:
-        raise ValueError(f"{path / META_FILE}: field 'version' is {doc.get('version')!r}, "
-                         f"this reader supports {POLICY_VERSION}")
-    for k in ("config", "meta"):
-        if not isinstance(doc.get(k), dict):
-            raise ValueError(f"{path / META_FILE} lacks the object field {k!r}")
-    cfg = PPOConfig.from_dict(doc["config"])
-    meta = doc["meta"]
-    raw = load_pytree(path / WEIGHTS_FILE, what="policy weights")
-    params = jax.tree_util.tree_map(jnp.asarray, raw)
-    if "obs_size" in meta and "action_nvec" in meta:
-        nvec, _ = _action_spec(meta)
-        ref = jax.eval_shape(ActorCritic(nvec=nvec, hidden=cfg.hidden).init, jax.random.key(0),
-                             jnp.zeros((int(meta["obs_size"]),), jnp.float32))
-        ok = jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(params) and all(
-            tuple(a.shape[-len(b.shape):]) == tuple(b.shape)
-            for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref)))
-        if not ok:
-            raise ValueError(f"{path / WEIGHTS_FILE} does not match the saved config/metadata (hidden="
-                             f"{cfg.hidden}, obs_size={meta['obs_size']}, action_nvec={meta['action_nvec']})")
-    return params, cfg, meta

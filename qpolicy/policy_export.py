@@ -27,7 +27,8 @@ def export_policy_onnx(policy_dir: str | os.PathLike, out_dir: str | os.PathLike
                        ) -> list[Path]:
     """Write ``policy.onnx`` and ``observation.json`` for the JAX-PPO policy in ``policy_dir``; returns both."""
     jax2onnx = _require("jax2onnx")
-    from .agents.ppo_jax import ActorCritic, _action_spec, _MultiCategorical, load_policy
+    from .agents.ppo_checkpoint import load_policy
+    from .agents.ppo_networks import ActorCritic, _action_spec, _MultiCategorical
     from .denoiser import load_denoiser
     from .envs.observation import obs_names
 
