@@ -136,8 +136,10 @@ def policy_schedules(cfg: RunConfig, act: Callable, core: Any, params: Any) -> t
 
 def learned_compute(s: Setup) -> dict[str, Any]:
     """What training the policy cost: denoiser image-forwards (each env decision that completes a sampler step
-    runs one forward of images_per_env images) and, when the run recorded it, wall seconds and device."""
+    runs one forward of images_per_env images; plus the probes of a warm start's ILP or of a profile search) and,
+    when the run recorded it, wall seconds and device."""
     from qpolicy.envs import EnvConfig
+    from qpolicy.profiles import PROFILES_FILE
 
     env = EnvConfig(**s.cfg.env)
     steps = s.cfg.total_timesteps // (s.core.L if s.cfg.layerwise else 1)
@@ -150,6 +152,12 @@ def learned_compute(s: Setup) -> dict[str, Any]:
                    search_forwards=int(summ.get("timesteps", s.cfg.total_timesteps)
                                        // (s.core.L if s.cfg.layerwise else 1) * env.images_per_env)
                    + int(warm.get("forwards", 0)))
+    prof = s.run_dir / PROFILES_FILE  # so is the search that found a profile-mode run's profiles
+    if prof.exists():
+        search = read_json(prof, what="run profiles").get("search") or {}
+        out["search_forwards"] += int(search.get("forwards") or 0)
+        if out["search_seconds"] is not None and search.get("seconds"):
+            out["search_seconds"] += float(search["seconds"])
     return out
 
 
