@@ -297,3 +297,19 @@ def test_profile_run_learns_cheapest_and_evaluates(tmp_path, tiny_denoiser, pfil
         mixed = np.where(np.arange(L) % 2 == 0, 4, 8)
         _profiles(tiny_denoiser, [[4] * L, mixed, [32] * L]).save(pfile)
         registry._PROFILES.clear()
+
+
+def test_profile_search_is_charged_to_the_learned_policy(tmp_path):
+    """A profile-mode policy starts from the ILP's work: its probes count in the policy's search_forwards (and
+    seconds), as a warm start's do, so searches at equal compute get the same budget."""
+    from types import SimpleNamespace
+
+    from qpolicy.evaluation import learned_compute
+
+    cfg = RunConfig(name="p", agent="ppo_jax", env={"images_per_env": 2}, total_timesteps=300)
+    s = SimpleNamespace(run_dir=tmp_path, cfg=cfg, core=SimpleNamespace(L=5))
+    assert learned_compute(s)["search_forwards"] == 600  # no train summary, no profiles: decisions x images
+    (tmp_path / "train_summary.json").write_text(json.dumps({"timesteps": 300, "wall_s": 10.0}))
+    (tmp_path / PROFILES_FILE).write_text(json.dumps({"search": {"forwards": 2080, "seconds": 4.0}}))
+    out = learned_compute(s)
+    assert out["search_forwards"] == 600 + 2080 and out["search_seconds"] == pytest.approx(14.0)
