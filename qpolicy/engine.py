@@ -7,7 +7,8 @@ traced data, so one compiled function serves every schedule. 32 means float pass
 Errors follow DESIGN: e_i = ||x_hat_i - x_i||^2 / ||x_i||^2 per image after step i (x_i the FP
 trajectory from the same initial noise and the same sampler noise); ``final_error`` is e at the
 last step (the sample x_0); ``traj_error`` is the mean of e over steps.
-Reference banks live in :mod:`qpolicy.banks`, calibration in :mod:`qpolicy.ptq`.
+Reference banks live in :mod:`qpolicy.banks`, calibration in :mod:`qpolicy.ptq`, QuantConfig and its presets in
+:mod:`qpolicy.quant_config`, schedules run over banks in :mod:`qpolicy.schedule_eval` (both re-exported here).
 """
 from __future__ import annotations
 
@@ -21,197 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .banks import ReferenceBank
-from .bits import DEFAULT_BIT_CHOICES, check_bits, check_choices, to_index
-from .config import check, is_int
+from .bits import to_index
 from .cost import CostModel
 from .denoiser import Denoiser
 from .diffusion import Sampler, image_noise, make_sampler, sampler_step
 from .layers import activation_interceptor, layer_params, map_layer_weights
-from .ptq import (ACT_CLIP_MODES, CLIP_GRID, act_base_range, act_clip_ratios, bias_correctable, cached_arrays,
-                  input_means, input_splits, quant_act, smooth_scales, static_act_ranges, weight_clip_ratios)
-from .quant import (ACT_DEFAULT, ACT_RANGE_MODES, WEIGHT_DEFAULT, QuantSpec, compute_scale, fake_quant, qrange,
-                    range_from)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantConfig:
-    """How layers are quantized (static, compile-time): quantizer families, activation-range mode, choices.
-
-    w_spec: weight quantizer (default: symmetric, per output channel).
-    a_spec: activation quantizer (default: asymmetric, per tensor).
-    act_ranges: "dynamic" (min/max of each image's tensor at each call: per sample, so results do not depend
-        on batching) or "static" (calibrated per (layer, step bucket) from FP trajectories).
-    range_buckets: step buckets of the static ranges.
-    bit_choices: accepted bitwidths (the rule of :func:`qpolicy.bits.check_choices`).
-    precompute_weights: quantize each layer's weights once per choice and gather at run time (bits must be
-        choices) instead of per call (the default, which keeps the STE gradient and measured faster on the
-        H100: benchmarks/results/*precomputed_weights.json).
-    split_concat: shortcut splitting (Q-Diffusion): a layer whose input concatenates differently scaled tensors
-        gets one activation quantizer per part and one weight quantizer per input-channel slice (parts found in
-        the model's jaxpr, :func:`qpolicy.ptq.input_splits`); with static activation ranges only the weights are
-        split (static ranges are calibrated per tensor).
-    bias_correction: empirical bias correction of the weight quantization (Nagel et al. 2019), per sampler step:
-        each conv/dense bias absorbs E[a] · (Q(W) − W) with E[a] the layer's mean input on FP calibration
-        trajectories (:func:`qpolicy.ptq.input_means`). Removes the per-channel mean shift of eps that DDIM
-        amplifies ~157x at t ≈ T (what broke patches32 at W8).
-    weight_clipping: MSE clipping search per output channel and bit choice (:func:`qpolicy.ptq.weight_clip_ratios`:
-        the clipping ratio of the absmax minimising the weight's quantization error, searched over 0.5..1).
-    clip_objective: what the weight clipping search minimises: "weight" (the weight's quantization MSE) or "output"
-        (output-aware: at weight bits <= 8, per output channel and bit choice the ratio minimising the layer's OUTPUT
-        error E||X·(Q(W) − W)||² on its inputs along FP calibration trajectories (centred per step when bias
-        correction is on, whose per-step bias absorbs the mean), conv / dense kernels only, searched from the weight-MSE
-        ratios (:func:`qpolicy.reconstruct.output_clip_ratios`)). "output" needs weight_clipping.
-    act_clip: activation clipping: "none" (min/max ranges), "percentile" (the (100 − p, p) percentiles of each
-        image's tensor (dynamic) or of the calibration activations per (layer, step bucket) (static), p =
-        act_percentile) or "mse" (the range times a ratio per (layer, step bucket, input part, bit choice) minimising
-        the activation's quantization MSE on FP calibration trajectories, :func:`qpolicy.ptq.act_clip_ratios`).
-    act_percentile: p of act_clip="percentile", in [50, 100].
-    smoothquant: SmoothQuant scale migration (Xiao et al. 2023) on every conv / dense layer: inputs divided and
-        weights multiplied per input channel by s = max|X|^α / max|W|^(1−α) (calibrated on the calib bank; the
-        weights are quantized as s·W per bit choice), α per layer (:func:`qpolicy.ptq.smooth_scales`). Dynamic
-        activation ranges only: with act_ranges="static" it is set to False (the quantizer block records that).
-    smooth_alpha: fixed α for smoothquant; none = searched per layer over :data:`qpolicy.ptq.SMOOTH_ALPHAS`.
-    smooth_min_bits: smoothquant applies where the layer's weight bits are >= this (below, the migration makes the
-        weights harder to quantize than it makes the activations easier: measured at W4A8 on digits16); the input
-        and the weight of a layer always see the same s, chosen by the traced weight bits.
-    reconstruction: AdaRound learned rounding (output reconstruction per conv / dense layer on FP calibration inputs,
-        optax) at the weight bit choices ``recon_bits``, precomputed per choice (:mod:`qpolicy.reconstruct`).
-    recon_bits: weight bits that get learned rounding (integers in 2..8; those not in bit_choices are dropped).
-    recon_iters: Adam iterations per layer and bit choice (AdaRound).
-    recon_method: "adaround" (learned floor/ceil rounding, optax) or "gptq" (GPTQ, Frantar et al. 2023: rows rounded
-        one at a time on the same grid, each rounding error compensated on the rows left through the inverse of the
-        calibration inputs' second moment; :func:`qpolicy.reconstruct.gptq`).
-    attn_matmuls: precision of the activation-activation matmuls of attention (scores q·kᵀ, softmax, probs·v): only
-        "float" (they are not intercepted; recorded so a schedule says so).
-    calib_n: calibration images for static ranges, bias correction, activation clipping and SmoothQuant.
-    preset: the name recorded for this combination (see :data:`QUANT_PRESETS`; "custom" when fields differ).
-    """
-
-    w_spec: QuantSpec = WEIGHT_DEFAULT
-    a_spec: QuantSpec = ACT_DEFAULT
-    act_ranges: str = "dynamic"
-    range_buckets: int = 4
-    bit_choices: tuple[int, ...] = DEFAULT_BIT_CHOICES
-    precompute_weights: bool = False
-    split_concat: bool = True
-    bias_correction: bool = True
-    weight_clipping: bool = True
-    clip_objective: str = "weight"
-    act_clip: str = "none"
-    act_percentile: float = 99.99
-    smoothquant: bool = False
-    smooth_alpha: float | None = None
-    smooth_min_bits: int = 8
-    reconstruction: bool = False
-    recon_bits: tuple[int, ...] = (4, 5, 6)
-    recon_iters: int = 300
-    recon_method: str = "adaround"
-    attn_matmuls: str = "float"
-    calib_n: int = 32
-
-    def __post_init__(self) -> None:
-        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass, normalised fields)
-        put("act_ranges", check("act_ranges", self.act_ranges, kind="choice", choices=ACT_RANGE_MODES))
-        put("calib_n", check("calib_n", self.calib_n, kind="int", lo=1))
-        for f in ("precompute_weights", "split_concat", "bias_correction", "weight_clipping", "smoothquant",
-                  "reconstruction"):
-            put(f, check(f, getattr(self, f), kind="bool"))
-        put("act_clip", check("act_clip", self.act_clip, kind="choice", choices=ACT_CLIP_MODES))
-        put("clip_objective", check("clip_objective", self.clip_objective, kind="choice", choices=CLIP_OBJECTIVES))
-        if self.clip_objective == "output" and not self.weight_clipping:
-            raise ValueError("clip_objective='output' is an objective of the weight clipping search: it needs "
-                             "weight_clipping=True")
-        put("act_percentile", check("act_percentile", self.act_percentile, kind="real", lo=50, hi=100))
-        put("smooth_alpha", check("smooth_alpha", self.smooth_alpha, kind="real", lo=0, hi=1, optional=True))
-        put("smooth_min_bits", check("smooth_min_bits", self.smooth_min_bits, kind="int", lo=2, hi=32))
-        put("recon_iters", check("recon_iters", self.recon_iters, kind="int", lo=1))
-        put("recon_method", check("recon_method", self.recon_method, kind="choice", choices=RECON_METHODS))
-        put("bit_choices", check_choices(self.bit_choices))
-        # weight bits that get learned rounding: integers in 2..8; those that are not bit choices are dropped
-        put("recon_bits", tuple(b for b in (check("recon_bits", b, kind="int", lo=2, hi=8) for b in self.recon_bits)
-                                if b in self.bit_choices))
-        put("attn_matmuls", check("attn_matmuls", self.attn_matmuls, kind="choice", choices=ATTN_MATMULS))
-        if self.act_ranges == "static":  # static ranges are calibrated on the unsmoothed inputs
-            put("smoothquant", False)
-        if self.range_buckets < 1:
-            raise ValueError(f"range_buckets must be >= 1, got {self.range_buckets}")
-
-    @property
-    def preset(self) -> str:
-        ptq = {k: getattr(self, k) for k in PTQ_FIELDS}
-        return next((name for name, v in QUANT_PRESETS.items() if v == ptq), "custom")
-
-    def quantizer_block(self) -> dict[str, Any]:
-        """The ``quantizer`` block of a BitSchedule: specs, range mode, and the PTQ techniques applied."""
-        from .schedule import quantizer_dict
-
-        return {**quantizer_dict(self.w_spec, self.a_spec, self.act_ranges), "preset": self.preset,
-                **{k: getattr(self, k) for k in (*PTQ_FIELDS, *PTQ_PARAMS)}}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"weights": dataclasses.asdict(self.w_spec), "activations": dataclasses.asdict(self.a_spec),
-                "act_ranges": self.act_ranges, "range_buckets": self.range_buckets,
-                "bit_choices": list(self.bit_choices), "preset": self.preset,
-                **{k: getattr(self, k) for k in (*PTQ_FIELDS, *PTQ_PARAMS)}}
-
-
-#: The PTQ technique switches of QuantConfig (a preset fixes every one of them).
-PTQ_FIELDS = ("split_concat", "bias_correction", "weight_clipping", "clip_objective", "act_clip", "smoothquant",
-              "reconstruction", "recon_method")
-#: Their parameters, recorded in the quantizer block with them.
-PTQ_PARAMS = ("act_percentile", "smooth_alpha", "smooth_min_bits", "recon_bits", "recon_iters", "attn_matmuls")
-#: Weight reconstruction methods (QuantConfig.recon_method): AdaRound learned rounding, GPTQ error compensation.
-RECON_METHODS = ("adaround", "gptq")
-#: Precisions of attention's activation-activation matmuls (QuantConfig.attn_matmuls).
-ATTN_MATMULS = ("float",)
-#: Objectives of the weight clipping search (QuantConfig.clip_objective).
-CLIP_OBJECTIVES = ("weight", "output")
-#: Weight bits at and below which clip_objective="output" searches on the layer output (above: weight MSE).
-OUTPUT_CLIP_MAX_BITS = 8
-_OFF = {"split_concat": False, "bias_correction": False, "weight_clipping": False, "clip_objective": "weight",
-        "act_clip": "none", "smoothquant": False, "reconstruction": False, "recon_method": "adaround"}
-_PTQ = {**_OFF, "split_concat": True, "bias_correction": True, "weight_clipping": True}
-#: Named quantizer presets: "ptq-smooth" (the default: ptq + SmoothQuant at weight bits >= 8), "ptq" (shortcut
-#: splitting, bias correction, weight clipping search), "plain" (per-tensor dynamic activations, per-channel weights,
-#: nothing else: the engine before the PTQ toolbox), "ptq-recon" (ptq + AdaRound at 4-6 weight bits), "full" (ptq +
-#: SmoothQuant + AdaRound), "ptq-gptq" (ptq + GPTQ at 4-6 weight bits: digits16 W4A8 final error 0.050 -> 0.027 at
-#: n = 128 on the CPU, README).
-#: MSE / percentile activation clipping are switches in no preset (no gain measured; see the README).
-QUANT_PRESETS = {"ptq": _PTQ, "plain": _OFF,
-                 "ptq-smooth": {**_PTQ, "smoothquant": True},
-                 "ptq-recon": {**_PTQ, "reconstruction": True},
-                 "ptq-gptq": {**_PTQ, "reconstruction": True, "recon_method": "gptq"},
-                 "full": {**_PTQ, "smoothquant": True, "reconstruction": True}}
-
-
-#: The default preset (QuantConfig()'s fields): the one the H100 results, the demo's timing and the tests were
-#: measured with; ptq-smooth measured better on the CPU at small n (README) and awaits the H100 ablation.
-DEFAULT_PRESET = "ptq"
-
-
-def quant_config(preset: str = DEFAULT_PRESET, **fields: Any) -> QuantConfig:
-    """QuantConfig of a named preset (:data:`QUANT_PRESETS`), with further fields overridden. With static activation
-    ranges a preset's SmoothQuant is left out (static ranges are calibrated on unsmoothed inputs)."""
-    if preset not in QUANT_PRESETS:
-        raise ValueError(f"quantizer preset must be one of {tuple(QUANT_PRESETS)}, got {preset!r}")
-    return QuantConfig(**{**QUANT_PRESETS[preset], **fields})
-
-
-def quant_config_from_block(block: Mapping[str, Any], *, bit_choices: Sequence[int] = DEFAULT_BIT_CHOICES,
-                            source: str = "schedule") -> QuantConfig:
-    """The QuantConfig a schedule's ``quantizer`` block describes (specs, range mode, PTQ switches), so the
-    schedule runs under the quantizer it was made for. ValueError naming ``source`` for a block it cannot hold."""
-    from .schedule import quant_spec_from
-
-    try:
-        return QuantConfig(w_spec=quant_spec_from(block["weights"]), a_spec=quant_spec_from(block["activations"],
-                                                                                            "quantizer.activations"),
-                           act_ranges=block["act_ranges"], bit_choices=tuple(bit_choices),
-                           **{k: block[k] for k in PTQ_FIELDS if k in block})
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{source}: quantizer block lacks or mistypes {e}; accepted keys: weights, activations, "
-                         f"act_ranges, {', '.join(PTQ_FIELDS)}") from None
+from .ptq import (CLIP_GRID, act_base_range, act_clip_ratios, bias_correctable, cached_arrays, input_means,
+                  input_splits, quant_act, smooth_scales, static_act_ranges, weight_clip_ratios)
+from .quant import compute_scale, fake_quant, qrange, range_from
+# Re-exported, so qpolicy.engine stays the one import of these names: QuantConfig and its presets
+# (quant_config.py), the schedule evaluation helpers (schedule_eval.py).
+from .quant_config import (ATTN_MATMULS, CLIP_OBJECTIVES, DEFAULT_PRESET, OUTPUT_CLIP_MAX_BITS,  # noqa: F401
+                           PTQ_FIELDS, PTQ_PARAMS, QUANT_PRESETS, RECON_METHODS, QuantConfig, quant_config,
+                           quant_config_from_block)
+from .schedule_eval import (auto_chunk, evaluate_schedule, grouped_errors, relative_error,  # noqa: F401
+                            schedule_errors, uniform_bits)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -599,12 +424,6 @@ def split_apply(x: jax.Array, sizes: Sequence[int], fn: Callable[[jax.Array], ja
     return jnp.concatenate([fn(p) for p in parts], axis=axis)
 
 
-def relative_error(x_hat: jax.Array, x: jax.Array) -> jax.Array:
-    """||x_hat - x||^2 / ||x||^2 per image over the trailing (H, W, C) axes."""
-    axes = tuple(range(x.ndim - 3, x.ndim))
-    return jnp.sum((x_hat - x) ** 2, axes) / jnp.maximum(jnp.sum(x**2, axes), 1e-12)
-
-
 def make_engine(den: Denoiser, *, steps: int = 10, sampler: str = "ddim", eta: float = 0.0,
                 qcfg: QuantConfig | None = None, calib_n: int | None = None) -> QuantEngine:
     """Build a :class:`QuantEngine`. Static activation ranges come from the table stored with the model
@@ -619,92 +438,3 @@ def make_engine(den: Denoiser, *, steps: int = 10, sampler: str = "ddim", eta: f
     smp = make_sampler(den.schedule, sampler, steps, eta=eta)
     table = static_act_ranges(den, smp, qcfg, calib_n) if qcfg.act_ranges == "static" else None
     return QuantEngine(den=den, sampler=smp, qcfg=qcfg, act_ranges_table=table)
-
-
-def schedule_errors(engine: QuantEngine, keys: jax.Array, ref_traj: jax.Array, bits_w: jax.Array,
-                    bits_a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-step errors (S, B) of the quantized run vs ``ref_traj`` (S+1, B, ...) and the final samples."""
-    traj = engine.trajectory(keys, bits_w, bits_a)
-    return relative_error(traj[1:], ref_traj[1:]), traj[-1]
-
-
-def auto_chunk(chunk: int | None = None) -> int:
-    """Schedules (or image groups) per vmapped call: ``chunk`` if given, else 1 on CPU (a vmap over per-schedule
-    weights turns every conv into a grouped conv there, several times slower than a loop) and 16 on accelerators."""
-    if chunk is not None:
-        if not is_int(chunk) or int(chunk) < 1:
-            raise ValueError(f"chunk must be an integer >= 1 (schedules per vmapped call) or None (auto), "
-                             f"got {chunk!r}")
-        return int(chunk)
-    return 1 if jax.default_backend() == "cpu" else 16
-
-
-@functools.lru_cache(maxsize=16)
-def _grouped_errors_fn(engine: QuantEngine):
-    return jax.jit(jax.vmap(engine.errors_fn, in_axes=(0, 1, 0, 0)))
-
-
-def grouped_errors(engine: QuantEngine, bank: ReferenceBank, idx: np.ndarray, bits_w: np.ndarray,
-                   bits_a: np.ndarray, owners: Sequence[int] | None = None, *, chunk: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Each group of images under its own schedule: group g (bank indices ``idx[g]``, idx (G, B)) runs the
-    (S, L) bits of group ``owners[g]`` (default g) from ``bits_w``/``bits_a`` (G, S, L).
-
-    Returns per-step errors (S, G*B) and final samples (G*B, H, W, C), images in ``idx`` order. Groups run in
-    vmapped chunks on accelerators and one by one on CPU (:func:`auto_chunk`); bits are traced: one compile."""
-    idx = np.asarray(idx)
-    G, B = idx.shape
-    owners = np.arange(G) if owners is None else np.asarray(owners)
-    bw = np.asarray(bits_w, np.int32)[owners]
-    ba = np.asarray(bits_a, np.int32)[owners]
-    chunk = min(auto_chunk(chunk), G)
-    errs, samples = [], []
-    if chunk == 1:
-        for g in range(G):
-            e, x = engine.errors_fn(bank.keys[idx[g]], bank.traj[:, idx[g]], jnp.asarray(bw[g]), jnp.asarray(ba[g]))
-            errs.append(np.asarray(e))
-            samples.append(np.asarray(x))
-        return np.concatenate(errs, axis=1), np.concatenate(samples)
-    fn = _grouped_errors_fn(engine)
-    for s in range(0, G, chunk):
-        sel = np.arange(s, s + chunk).clip(max=G - 1)  # the last chunk repeats its last group: one compiled shape
-        m = min(chunk, G - s)
-        e, x = fn(bank.keys[idx[sel]], bank.traj[:, idx[sel]], jnp.asarray(bw[sel]), jnp.asarray(ba[sel]))
-        errs.append(np.asarray(e)[:m].transpose(1, 0, 2).reshape(engine.num_steps, m * B))  # (c, S, B) -> (S, c*B)
-        samples.append(np.asarray(x)[:m].reshape(m * B, *x.shape[2:]))
-    return np.concatenate(errs, axis=1), np.concatenate(samples)
-
-
-def evaluate_schedule(engine: QuantEngine, bank: ReferenceBank, bits_w: Any, bits_a: Any, *,
-                      batch_size: int = 256, with_fd: bool = False, cost: CostModel | None = None
-                      ) -> dict[str, Any]:
-    """Run a static (S, L) schedule on every image of ``bank``.
-
-    Returns cost summary (see CostModel.summary) plus per_step_error (S,), traj_error, final_error
-    (means over images), errors (S, N) numpy (per step and image), samples (N, H, W, C) numpy, and fd (+ fd_fp:
-    the FP samples' fd) if with_fd."""
-    S, L = engine.num_steps, engine.num_layers
-    bw = jnp.asarray(check_bits(bits_w, engine.qcfg.bit_choices, field="bits_w", shape=(S, L)))
-    ba = jnp.asarray(check_bits(bits_a, engine.qcfg.bit_choices, field="bits_a", shape=(S, L)))
-    run = engine.errors_fn
-    errs, samples = [], []
-    for s in range(0, bank.size, batch_size):
-        e, x = run(bank.keys[s:s + batch_size], bank.traj[:, s:s + batch_size], bw, ba)
-        errs.append(np.asarray(e))
-        samples.append(np.asarray(x))
-    e = np.concatenate(errs, axis=1)  # (S, N)
-    out = {**(cost or engine.cost_model()).summary(np.asarray(bw), np.asarray(ba)),
-           "per_step_error": e.mean(1).tolist(), "traj_error": float(e.mean()), "final_error": float(e[-1].mean()),
-           "n": bank.size, "steps": S, "errors": e, "samples": np.concatenate(samples)}
-    if with_fd and engine.den.dataset:
-        from .metrics import sample_quality
-
-        out["fd"] = sample_quality(out["samples"], engine.den.dataset)["fd"]
-        out["fd_fp"] = sample_quality(np.asarray(bank.traj[-1]), engine.den.dataset)["fd"]
-    return out
-
-
-def uniform_bits(engine: QuantEngine, w: int, a: int) -> tuple[np.ndarray, np.ndarray]:
-    """(S, L) schedules with every entry w (weights) and a (activations)."""
-    shape = (engine.num_steps, engine.num_layers)
-    return np.full(shape, w, np.int32), np.full(shape, a, np.int32)
