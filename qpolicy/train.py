@@ -212,8 +212,9 @@ def _train_denoiser(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
     labels = jnp.asarray(np.maximum(ds.labels, 0), jnp.int32)
 
     def loss_fn(p, x, y, k):
-        kd, kl, ky = jax.random.split(k, 3)
+        kd, kl = jax.random.split(k)  # (the unconditional stream is the one it always was)
         if cond is not None:  # label dropout: the unconditional branch of classifier-free guidance
+            ky = jax.random.fold_in(k, 1)
             y = jnp.where(jax.random.uniform(ky, y.shape) < cfg.label_dropout, cond.null_label, y)
         yk = {"y": y} if cond is not None else {}
         eps_fn = lambda xt, t: model.apply({"params": p}, xt, t, train=True, rngs={"dropout": kd}, **yk)
