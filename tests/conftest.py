@@ -40,6 +40,16 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """One QPOLICY_CACHE for a whole test module (``pytestmark = pytest.mark.usefixtures("module_cache")``), so its
+    tests share calibration products and reference banks instead of recomputing them per test."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QPOLICY_CACHE", str(tmp_path_factory.mktemp("qcache")))
+    yield
+    mp.undo()
+
+
 def random_params(module, image_shape, seed=0):
     """Random params with the structure of ``module.init`` (from ``eval_shape``, so nothing is compiled):
     kernels ~ N(0, 1/fan_in) (lecun-normal scale, as flax's default), small random biases, GroupNorm

@@ -22,12 +22,7 @@ CHOICES = (4, 8, 32)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QPOLICY_CACHE", str(tmp_path_factory.mktemp("qcache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache")  # one cache per module (conftest)
 
 
 @pytest.fixture(scope="module")
