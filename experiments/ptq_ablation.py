@@ -43,6 +43,7 @@ configs = {"plain": off, "+split": {**off, "split_concat": True}, "+bias": {**of
            "ptq+recon": {**ptq, "reconstruction": True}, "ptq+oclip": {**ptq, "clip_objective": "output"},
            "ptq+oclip+recon": {**ptq, "clip_objective": "output", "reconstruction": True},
            "ptq+gptq": {**ptq, "reconstruction": True, "recon_method": "gptq"},
+           "ptq+smooth+gptq": {**ptq, "smoothquant": True, "reconstruction": True, "recon_method": "gptq"},
            "ptq+oclip+gptq": {**ptq, "clip_objective": "output", "reconstruction": True, "recon_method": "gptq"}}
 configs.update({k: v for k, v in QUANT_PRESETS.items() if v not in configs.values()})  # e.g. full
 if a.configs:
