@@ -32,6 +32,18 @@ def require(module: str):
     return pytest.importorskip(module)
 
 
+#: the tests' persistent XLA compilation cache (shared by the xdist workers and by `make test` / `make test-all`, so a
+#: program compiled by one test process is loaded, not recompiled, by the next); QPOLICY_TEST_JAX_CACHE=0 turns it off
+JAX_CACHE_ENV = "QPOLICY_TEST_JAX_CACHE"
+
+
+def pytest_configure(config):
+    where = os.environ.get(JAX_CACHE_ENV, str(config.rootpath / ".pytest_cache" / "jax_compile"))
+    if where != "0":
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     """Every test gets its own QPOLICY_CACHE and never talks to wandb."""
