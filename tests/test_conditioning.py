@@ -201,3 +201,19 @@ def test_by_request_splits_the_evaluation_by_guidance_scale():
         assert r["learned_error"]["mean"] == pytest.approx(err[m].mean())
         assert r["mean_schedule_error"] == pytest.approx(err[m].mean() + 0.5)
         assert r["learned_vs_mean_schedule"]["verdict"] == "better"
+
+
+def test_shipped_digits16c_is_conditional_and_guided():
+    from qpolicy.denoiser import available_models
+
+    assert "digits16c" in available_models()
+    den = load_denoiser("digits16c")
+    assert den.conditioning is not None and den.conditioning.num_classes == 10
+    assert tuple(den.conditioning.guidance_scales) == (1.0, 2.0, 3.0, 5.0)
+    x = jnp.ones((2, *den.image_shape), jnp.float32) * 0.1
+    keys = jax.random.split(jax.random.key(0), 2)
+    e = den.apply(den.params, x, jnp.full((2,), 500, jnp.int32), keys)
+    assert e.shape == x.shape and np.isfinite(np.asarray(e)).all()
+    # the request acts: other keys (other labels and scales) give another guided eps on the shipped weights
+    assert not np.allclose(np.asarray(e), np.asarray(den.apply(den.params, x, jnp.full((2,), 500, jnp.int32),
+                                                                 jax.random.split(jax.random.key(1), 2))))
