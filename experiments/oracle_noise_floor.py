@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from qpolicy.adaptivity import noise_floor
 from qpolicy.evaluation import setup
 from qpolicy.io import atomic_write_text
 from qpolicy.schedule_eval import grouped_errors
@@ -48,23 +49,20 @@ for b in sizes:
     e, _ = grouped_errors(s.engine, s.bank, np.arange(s.n).reshape(G, b), np.stack([w] * G), np.stack([ab] * G))
     errs.append(e[-1])
 E = np.stack(errs)  # (copies, N) final errors of one schedule under different batchings
-_, first = np.unique(E.round(9), axis=0, return_index=True)
-D = E[np.sort(first)]  # the numerically distinct copies
 vs = a.versus or f"learned_{s.cfg.agent}_mean_schedule"
 ev2, _ = grouped_errors(s.engine, s.bank, np.arange(s.n).reshape(s.n, 1), np.stack([z[vs + "__w"]] * s.n),
                         np.stack([z[vs + "__a"]] * s.n))
 pair = np.stack([E[0], ev2[-1]])  # batch 1: the schedule and the second one
 mean_copy = E.mean(1)
-corr = np.corrcoef(E)[np.triu_indices(len(sizes), 1)]
+nf = noise_floor(E)
 audit = ev.get("adaptivity") or {}
 out = {"run": str(a.run), "model": s.engine.den.name, "n": s.n, "eval_seed": s.eval_seed, "schedule": name,
        "batch_sizes": sizes, "final_error_by_batch_size": dict(zip(map(str, sizes), mean_copy.tolist())),
        "final_error_ci_batch_1": mean_ci(E[0])["ci"],
-       "per_image_abs_diff_vs_batch_1": {"mean": float(np.abs(E[1:] - E[0]).mean()),
-                                         "max": float(np.abs(E[1:] - E[0]).max())},
-       "pairwise_correlation": {"min": float(corr.min()), "mean": float(corr.mean())} if corr.size else None,
-       "distinct_copies": int(len(D)),
-       "noise_oracle_headroom": float(1 - D.min(0).mean() / D.mean()),
+       "per_image_abs_diff_vs_batch_1": {"mean": nf["abs_diff_mean"], "max": float(np.abs(E[1:] - E[0]).max())},
+       "pairwise_correlation_mean": nf["correlation_mean"],
+       "distinct_copies": nf["distinct"],
+       "noise_oracle_headroom": nf["headroom_rel"],
        "two_schedule_oracle": {"versus": vs, "versus_final_error": float(ev2[-1].mean()),
                                "headroom": float(1 - pair.min(0).mean() / pair.mean(1).min()),
                                "correlation": float(np.corrcoef(pair)[0, 1])},

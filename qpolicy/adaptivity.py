@@ -79,6 +79,26 @@ def oracle_headroom(menu: dict[str, np.ndarray], learned: np.ndarray, *, seed: i
             "menu_error_correlation_mean": float(np.nanmean(off)) if off.size else None}
 
 
+def noise_floor(copies: np.ndarray) -> dict:
+    """The per-image oracle's noise floor: ``copies`` (C, N) are per-image final errors of ONE schedule computed C
+    times with different float numerics (e.g. other batch sizes: other reduction orders flip roundings, and the
+    sampler amplifies them). The per-image best of those copies vs their mean error is oracle headroom that no
+    policy can choose, only luck; an oracle headroom over distinct schedules near or below it is not evidence of
+    adaptivity. Returns copies, distinct (numerically different copies), headroom_rel, the copies' mean per-image
+    correlation (distinct copies) and mean absolute per-image difference to the first copy."""
+    E = np.asarray(copies, np.float64)
+    if E.ndim != 2 or E.shape[0] < 2:
+        raise ValueError(f"copies must be (C >= 2, N) per-image errors, got shape {E.shape}")
+    _, first = np.unique(E.round(9), axis=0, return_index=True)
+    D = E[np.sort(first)]  # the numerically distinct copies, each counted once
+    mean = float(D.mean())
+    corr = np.corrcoef(D)[np.triu_indices(len(D), 1)] if E.shape[1] > 1 and len(D) > 1 else np.ones(1)
+    return {"copies": int(E.shape[0]), "distinct": int(len(D)),
+            "headroom_rel": float(1 - D.min(0).mean() / mean) if mean > 0 else None,
+            "correlation_mean": float(np.nanmean(corr)),
+            "abs_diff_mean": float(np.abs(E[1:] - E[0]).mean())}
+
+
 def ridge_fit(X: np.ndarray, y: np.ndarray, lam: float = 1.0) -> np.ndarray:
     """Ridge regression weights (D + 1,) of y (N,) on standardised-by-caller features X (N, D), bias unpenalised."""
     Xb = np.concatenate([X, np.ones((len(X), 1))], 1)

@@ -97,6 +97,11 @@ def summary_lines(res: dict) -> list[str]:
             out.append(f"oracle headroom over {len(o['menu'])} static schedules: {o['best_static']} "
                        f"{o['best_static_error']:.4g} -> per-image best {o['oracle_error']:.4g} "
                        f"({100 * (o['headroom_rel'] or 0):.0f} %); learned captures {cap}")
+            nf = o.get("noise_floor") or {}
+            if nf.get("headroom_rel") is not None:
+                out.append(f"  its noise floor: {o['best_static']} run image by image (other float rounding) "
+                           f"gives {nf['distinct']} distinct copies whose per-image best is "
+                           f"{100 * nf['headroom_rel']:.0f} % below their mean: luck, not adaptivity")
         ln = ad.get("learnable", {})
         if ln.get("gain_rel") is not None:
             out.append(f"learnable from x_T features (ridge, held-out half): {100 * ln['gain_rel']:+.1f} % vs "

@@ -303,12 +303,18 @@ def audit(s: Setup, records: list[Record], idx: np.ndarray, bw_g: np.ndarray, ba
     menu = {r.row["name"]: r.errors[-1] for r in records[1:] if r.row["cost_rel_fp32"] <= cost}
     feats = adaptivity.input_features(s.bank.traj[0], s.core.config.thumb_size)
     oracle = adaptivity.oracle_headroom(menu, learned.errors[-1])
+    best = oracle.get("best_static")
+    if best in menu:  # its noise floor: the best static schedule once more, image by image (other float numerics)
+        rec = next(r for r in records if r.row["name"] == best)
+        n = len(rec.errors[-1])
+        e1, _ = grouped_errors(s.engine, s.bank, np.arange(n).reshape(n, 1), rec.bits_w[None], rec.bits_a[None],
+                               np.zeros(n, int))
+        oracle["noise_floor"] = adaptivity.noise_floor(np.stack([rec.errors[-1], e1[-1]]))
     out = {"vs_mean_schedule": adaptivity.vs_mean_schedule(learned.errors[-1], mean.errors[-1]),
            "gain": perm.get("gain"), "gain_ci": perm.get("gain_ci"), "p_value": perm.get("p_value"),
            "permutation": perm, "oracle_headroom": oracle.get("headroom"), "oracle": oracle,
            "captured": oracle.get("captured"), "learnable": adaptivity.learnable_headroom(feats, menu)}
     if s.engine.den.conditioning is not None:
-        best = oracle.get("best_static")
         static = {"mean_schedule": mean.errors[-1], **({"best_static": menu[best]} if best in menu else {})}
         out["by_request"] = adaptivity.by_request(s.engine.den.conditioning, s.bank.keys, learned.errors[-1],
                                                   np.repeat(s.group_cost, B), static)

@@ -72,6 +72,21 @@ def test_oracle_and_learnable_headroom_on_a_planted_menu():
     assert adaptivity.oracle_headroom({"a": menu["a"]}, learned)["headroom"] is None
 
 
+def test_noise_floor_is_zero_for_identical_copies_and_matches_the_expected_min_of_noisy_ones():
+    rng = np.random.default_rng(1)
+    e = rng.random(2000) + 0.5
+    same = adaptivity.noise_floor(np.stack([e, e, e]))
+    assert same["distinct"] == 1 and same["headroom_rel"] == pytest.approx(0.0) and same["abs_diff_mean"] == 0
+    # two copies = e + independent N(0, sigma²): E[min] = mean - sigma/sqrt(pi), so headroom ≈ sigma/sqrt(pi)/mean
+    sigma = 0.1
+    two = np.stack([e + sigma * rng.standard_normal(e.size), e + sigma * rng.standard_normal(e.size)])
+    nf = adaptivity.noise_floor(np.concatenate([two, two[:1]]))  # a repeated copy counts once
+    assert nf["copies"] == 3 and nf["distinct"] == 2
+    assert nf["headroom_rel"] == pytest.approx(sigma / np.sqrt(np.pi) / e.mean(), rel=0.1)
+    with pytest.raises(ValueError, match="copies must be"):
+        adaptivity.noise_floor(e)
+
+
 def _result(best_verdict, vs_mean, learned=0.010, mean=0.012, best=0.011):
     pol = [{"name": "learned_ppo_jax", "final_error": learned}, {"name": "learned_ppo_jax_mean_schedule",
                                                                  "final_error": mean},

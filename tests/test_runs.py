@@ -66,6 +66,9 @@ def test_train_evaluate_export_round_trip(tmp_path, tiny_ckpt, capsys):
     ad = res["adaptivity"]
     for k in ("gain", "gain_ci", "p_value", "vs_mean_schedule", "oracle_headroom", "captured"):
         assert k in ad
+    if ad["oracle_headroom"] is not None:  # the best static schedule once more, image by image: its noise floor
+        nf = ad["oracle"]["noise_floor"]
+        assert nf["copies"] == 2 and nf["distinct"] in (1, 2) and 0 <= nf["headroom_rel"] < 1
     assert res["comparisons"][0]["baseline"] == mean["name"] and res["eval_seed"] == 2000
     assert (run / "eval" / "bits_vs_input.png").exists() and (run / "train_summary.json").exists()
     sched = BitSchedule.load(run / "eval" / "learned_mean_schedule.json")
