@@ -9,12 +9,7 @@
 set -uo pipefail
 phase=$1
 deadline=${2:-570}
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
-ln -sfn ../envs qpolicy/envs; ln -sfn ../agents qpolicy/agents
-export PYTHONPATH=/tmp/site:$PWD WANDB_MODE=disabled PYTHONUNBUFFERED=1 QPOLICY_CACHE=/tmp/qcache \
-       JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
-Q="python3 -m qpolicy.cli"
+source "$(dirname "$0")/gpu_env.sh"
 M=qpolicy/assets/models/digits16c
 runs=/tmp/runs_digits16c
 committed=experiments/results/h100/conditional/runs_digits16c
@@ -51,4 +46,3 @@ else
   $Q report "$runs" --out "$runs/report" --skip-unevaluated > /dev/null 2>&1 && echo "report written"
   tar czf "$OUT/runs_digits16c.tgz" -C /tmp runs_digits16c
 fi
-rm -f qpolicy/envs qpolicy/agents

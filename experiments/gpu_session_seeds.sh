@@ -9,12 +9,7 @@
 set -uo pipefail
 model=$1
 deadline=${2:-570}
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
-ln -sfn ../envs qpolicy/envs; ln -sfn ../agents qpolicy/agents
-export PYTHONPATH=/tmp/site:$PWD WANDB_MODE=disabled PYTHONUNBUFFERED=1 QPOLICY_CACHE=/tmp/qcache \
-       JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
-Q="python3 -m qpolicy.cli"
+source "$(dirname "$0")/gpu_env.sh"
 declare -A CFG=([digits16]=digits16_ppo_jax_gpu [patches32]=patches32_ppo_jax)
 declare -A STEPS=([digits16]=160000 [patches32]=64000)
 N=512; EVAL_SEED=5000
@@ -54,4 +49,3 @@ for s in 0 1 2; do
 done
 $Q report "$runs" --out "$runs/report" --skip-unevaluated > /dev/null 2>&1 && echo "$model: report written"
 tar czf "$OUT/runs_$model.tgz" -C /tmp "runs_$model"
-rm -f qpolicy/envs qpolicy/agents
