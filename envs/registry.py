@@ -39,7 +39,10 @@ def engine_for(cfg: EnvConfig) -> QuantEngine:
     # the action space (bits or profiles) never shapes the quantized sampler
     sk = static_config(cfg).replace(**{f: getattr(EnvConfig, f) for f in PROFILE_FIELDS})
     if sk not in _ENGINES:
-        if cfg.cost == "latency":
+        if cfg.batched_conv != EnvConfig.batched_conv:  # a speed knob: the default engine's copy, not recalibrated
+            _ENGINES[sk] = engine_for(sk.replace(batched_conv=EnvConfig.batched_conv)).with_batched_conv(
+                cfg.batched_conv)
+        elif cfg.cost == "latency":
             from qpolicy.latency import load_for
 
             base = engine_for(sk.replace(cost="bops", latency_table=None))

@@ -12,6 +12,7 @@ Reference banks live in :mod:`qpolicy.banks`, calibration in :mod:`qpolicy.ptq`,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .batched_conv import BATCHED_CONV_IMPLS, conv_interceptor
 from .bits import to_index
 from .cost import CostModel
 from .denoiser import Denoiser
@@ -47,6 +49,9 @@ class QuantEngine:
     required when ``qcfg.act_ranges == "static"`` (see :func:`calibrate`).
     latency: optional (L, C, C) measured seconds per image (:mod:`qpolicy.latency`); when set, the engine's
     :meth:`cost_model` (reward, budgets, baselines, summaries) costs schedules by it instead of BOPs.
+    batched_conv: how a convolution runs when vmapped over envs with per-env (quantized) kernels: "xla" (JAX's
+    rule, a grouped convolution) or "im2col" (a batched GEMM, :mod:`qpolicy.batched_conv`); the same numbers up to
+    float rounding, unbatched calls are unaffected.
     Derived at construction (concrete, so the engine can first be used inside a trace): ``input_splits``
     ({layer: channel sizes} with split_concat), ``input_means`` ({layer: (S, Cin)} with bias_correction),
     ``weight_table`` (with precompute_weights)."""
@@ -56,9 +61,12 @@ class QuantEngine:
     qcfg: QuantConfig = QuantConfig()
     act_ranges_table: jax.Array | None = None
     latency: Any = None
+    batched_conv: str = "xla"
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass, derived fields)
+        if self.batched_conv not in BATCHED_CONV_IMPLS:
+            raise ValueError(f"batched_conv must be one of {BATCHED_CONV_IMPLS}, got {self.batched_conv!r}")
         put("input_splits", input_splits(self.den) if self.qcfg.split_concat else {})
         put("input_means", input_means(self.den, self.sampler, n=self.qcfg.calib_n) if self.qcfg.bias_correction
             else {})
@@ -98,15 +106,26 @@ class QuantEngine:
         return CostModel.from_layers(self.den.layers, self.qcfg.bit_choices,
                                      self.latency if latency is None else latency)
 
+    def _copy_with(self, **fields: Any) -> "QuantEngine":
+        """A shallow copy with ``fields`` replaced (the calibration products are shared, not redone)."""
+        import copy
+
+        eng = copy.copy(self)
+        for k, v in fields.items():
+            object.__setattr__(eng, k, v)
+        return eng
+
+    def with_batched_conv(self, impl: str) -> "QuantEngine":
+        """This engine with another ``batched_conv`` implementation (a shallow copy: calibration is not redone)."""
+        if impl not in BATCHED_CONV_IMPLS:
+            raise ValueError(f"batched_conv must be one of {BATCHED_CONV_IMPLS}, got {impl!r}")
+        return self._copy_with(batched_conv=impl)
+
     def with_latency(self, latency: Any) -> "QuantEngine":
         """This engine with a measured (L, C, C) latency table (seconds per image on ``qcfg.bit_choices``, see
         :mod:`qpolicy.latency`) as its cost: a shallow copy, so calibration is not redone."""
-        import copy
-
         CostModel.from_layers(self.den.layers, self.qcfg.bit_choices, latency)  # validates the shape
-        eng = copy.copy(self)
-        object.__setattr__(eng, "latency", np.asarray(latency, np.float64))
-        return eng
+        return self._copy_with(latency=np.asarray(latency, np.float64))
 
     def bucket(self, i: jax.Array) -> jax.Array:
         return (i * self.qcfg.range_buckets) // self.num_steps
@@ -371,7 +390,11 @@ class QuantEngine:
         """Quantized eps at sampler step i for x (B, H, W, C), with (L,) bits; ``keys`` (B,): the images' keys (a
         conditional model's requests; both guidance branches are quantized with the same bits)."""
         t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
-        with nn.intercept_methods(activation_interceptor(self.den.layers, self.act_quant_fn(i, bits_a, bits_w))):
+        with contextlib.ExitStack() as stack:
+            if self.batched_conv == "im2col":
+                stack.enter_context(nn.intercept_methods(conv_interceptor))
+            stack.enter_context(nn.intercept_methods(activation_interceptor(self.den.layers,
+                                                                            self.act_quant_fn(i, bits_a, bits_w))))
             return self.den.apply(self.quantize_params(bits_w, i), x, t, keys)
 
     def step(self, x: jax.Array, i: jax.Array, keys: jax.Array, bits_w: jax.Array, bits_a: jax.Array) -> jax.Array:
