@@ -13,6 +13,7 @@ warm-up (median of 3 rounds), with XLA's own cost analysis of the compiled progr
   act_quant_only        shared FP weights, each layer's input fake-quantized at each env's bits (the interceptor)
   engine_step           the full quantized sampler step (engine.step), vmapped over envs
   engine_step_im2col    the same with the per-env convolutions as batched GEMMs (qpolicy.batched_conv)
+  engine_step_map       the same with one plain convolution per env in a loop
   env_step              the env's jitted batched step (engine step + error vs the reference + reward + obs + reset)
 
 The differences between rows say which part of the quantized step costs what; ``ratio`` is time / fp_forward.
@@ -103,6 +104,12 @@ def pieces(core, params, n: int, seed: int = 0) -> dict:
 def profile(args) -> dict:
     from qpolicy.envs import QuantDiffusionVectorEnv
     out = []
+    dev = jax.devices()[0]
+    res = {"benchmark": "env_step_profile", "model": args.model, "preset": args.preset,
+           "sampler_steps": args.sampler_steps, "images_per_env": args.images_per_env, "timed_steps": args.steps,
+           "machine": {"name": args.device_name, "platform": dev.platform, "device_kind": dev.device_kind,
+                       "cpu_count": os.cpu_count(), "host": platform.platform(), "jax": jax.__version__},
+           "rows": out}
     for n in args.num_envs:
         venv = QuantDiffusionVectorEnv(n, model=args.model, num_steps=args.sampler_steps,
                                        images_per_env=args.images_per_env,
@@ -112,6 +119,8 @@ def profile(args) -> dict:
         core, params = venv.core, venv.params
         rows = {}
         for name, (fn, a) in pieces(core, params, n).items():
+            if args.pieces and name not in (*args.pieces, "fp_forward") and n > min(args.num_envs):
+                continue
             s = _time(lambda: fn(*a), args.steps)
             rows[name] = {"ms": s * 1e3, **_cost(fn, *a)}
         fp = rows["fp_forward"]["ms"]
@@ -122,12 +131,9 @@ def profile(args) -> dict:
                   f"GB {r['gbytes_accessed'] if r['gbytes_accessed'] is None else round(r['gbytes_accessed'], 3)}",
                   flush=True)
         out.append({"num_envs": n, "images_per_step": n * args.images_per_env, "pieces": rows})
-    dev = jax.devices()[0]
-    return {"benchmark": "env_step_profile", "model": args.model, "preset": args.preset,
-            "sampler_steps": args.sampler_steps, "images_per_env": args.images_per_env, "timed_steps": args.steps,
-            "machine": {"name": args.device_name, "platform": dev.platform, "device_kind": dev.device_kind,
-                        "cpu_count": os.cpu_count(), "host": platform.platform(), "jax": jax.__version__},
-            "rows": out}
+        if args.out:  # after every n, so a time limit keeps what was measured
+            atomic_write_json(args.out, res)
+    return res
 
 
 def main(argv=None) -> None:
@@ -139,12 +145,13 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed calls per round")
     ap.add_argument("--bank-size", type=int, default=64)
     ap.add_argument("--preset", default=None, help="quantizer preset (default: the engine's default)")
+    ap.add_argument("--pieces", nargs="*", default=None,
+                    help="pieces timed beyond the smallest num_envs (default: all; fp_forward is always kept)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--device-name", default=None)
     args = ap.parse_args(argv)
-    res = profile(args)
+    profile(args)
     if args.out:
-        atomic_write_json(args.out, res)
         print(f"wrote {args.out}")
 
 

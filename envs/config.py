@@ -60,7 +60,8 @@ class EnvConfig:
     num_profiles: K, profiles the search finds (action_space "profiles", profiles null); duplicates are dropped.
     profile_spread: ratio between neighbouring budgets of the profile search (budget * spread^(k - (K-1)/2)).
     batched_conv: how the envs' convolutions run with per-env quantized kernels: "xla" (JAX's vmap rule, a grouped
-        convolution) | "im2col" (patches x kernel as one batched GEMM, qpolicy.batched_conv); a speed knob, the
+        convolution) | "im2col" (patches x kernel as one batched GEMM) | "map" (one plain convolution per env in a loop;
+        qpolicy.batched_conv); a speed knob, the
         same numbers up to float rounding (benchmarks/env_step_profile.py compares them).
     """
 

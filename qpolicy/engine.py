@@ -50,8 +50,8 @@ class QuantEngine:
     latency: optional (L, C, C) measured seconds per image (:mod:`qpolicy.latency`); when set, the engine's
     :meth:`cost_model` (reward, budgets, baselines, summaries) costs schedules by it instead of BOPs.
     batched_conv: how a convolution runs when vmapped over envs with per-env (quantized) kernels: "xla" (JAX's
-    rule, a grouped convolution) or "im2col" (a batched GEMM, :mod:`qpolicy.batched_conv`); the same numbers up to
-    float rounding, unbatched calls are unaffected.
+    rule, a grouped convolution), "im2col" (a batched GEMM) or "map" (a loop of plain convolutions), see
+    :mod:`qpolicy.batched_conv`; the same numbers up to float rounding, unbatched calls are unaffected.
     Derived at construction (concrete, so the engine can first be used inside a trace): ``input_splits``
     ({layer: channel sizes} with split_concat), ``input_means`` ({layer: (S, Cin)} with bias_correction),
     ``weight_table`` (with precompute_weights)."""
@@ -391,8 +391,8 @@ class QuantEngine:
         conditional model's requests; both guidance branches are quantized with the same bits)."""
         t = jnp.full((x.shape[0],), self.sampler.timesteps[i], jnp.int32)
         with contextlib.ExitStack() as stack:
-            if self.batched_conv == "im2col":
-                stack.enter_context(nn.intercept_methods(conv_interceptor))
+            if self.batched_conv != "xla":
+                stack.enter_context(nn.intercept_methods(conv_interceptor(self.batched_conv)))
             stack.enter_context(nn.intercept_methods(activation_interceptor(self.den.layers,
                                                                             self.act_quant_fn(i, bits_a, bits_w))))
             return self.den.apply(self.quantize_params(bits_w, i), x, t, keys)

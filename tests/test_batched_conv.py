@@ -34,11 +34,12 @@ def _f64_reference(x, w, case):
                                                          precision="highest")) for e in range(x.shape[0])])
 
 
+@pytest.mark.parametrize("impl", ["im2col", "map"])
 @pytest.mark.parametrize("case", CASES)
-def test_batched_kernels_match_per_env_convolutions(case):
+def test_batched_kernels_match_per_env_convolutions(case, impl):
     x, w = _operands(case)
     _, _, _, _, st, pad, dn = case
-    f = lambda a, b: conv(a, b, st, pad, dimension_numbers=dn, precision="highest")  # noqa: E731
+    f = lambda a, b: conv(a, b, st, pad, impl=impl, dimension_numbers=dn, precision="highest")  # noqa: E731
     ref = _f64_reference(x, w, case)
     np.testing.assert_allclose(jax.jit(jax.vmap(f))(x, w), ref, rtol=1e-5, atol=1e-5)
     # a shared input with per-env kernels, and per-env inputs with one shared kernel
@@ -72,6 +73,13 @@ def _primitives(fn, *args):
     return [(e.primitive.name, e.params) for e in jaxpr.jaxpr.eqns]
 
 
+def test_map_rule_is_a_loop_of_plain_convolutions():
+    x, w = _operands(CASES[0])
+    f = jax.vmap(lambda a, b: conv(a, b, (1, 1), "SAME", impl="map", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    jaxpr = str(jax.make_jaxpr(f)(x, w))
+    assert "scan" in jaxpr and "feature_group_count=1" in jaxpr and "feature_group_count=3" not in jaxpr
+
+
 def test_rule_is_a_batched_gemm_and_grouped_convs_keep_jax_rule():
     x, w = _operands(CASES[0])
     kw = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -89,10 +97,11 @@ def test_rule_is_a_batched_gemm_and_grouped_convs_keep_jax_rule():
     np.testing.assert_allclose(jax.vmap(f)(xg, wg), jax.vmap(g)(xg, wg), rtol=1e-6, atol=1e-6)
 
 
-def test_engine_step_im2col_matches_xla_and_is_unchanged_unbatched(tiny_denoiser):
+@pytest.mark.parametrize("impl", ["im2col", "map"])
+def test_engine_step_matches_xla_and_is_unchanged_unbatched(tiny_denoiser, impl):
     eng = make_engine(tiny_denoiser, steps=3)
-    fast = eng.with_batched_conv("im2col")
-    assert fast.batched_conv == "im2col" and eng.batched_conv == "xla" and fast.input_means is eng.input_means
+    fast = eng.with_batched_conv(impl)
+    assert fast.batched_conv == impl and eng.batched_conv == "xla" and fast.input_means is eng.input_means
     rng = np.random.default_rng(0)
     n, B = 3, 2
     bits = jnp.asarray(np.asarray(eng.qcfg.bit_choices)[rng.integers(0, len(eng.qcfg.bit_choices),
@@ -108,14 +117,14 @@ def test_engine_step_im2col_matches_xla_and_is_unchanged_unbatched(tiny_denoiser
 
 def test_env_batched_conv_setting(tiny_denoiser):
     kw = dict(model=tiny_denoiser, num_steps=3, bank_size=8, images_per_env=2)
-    xla, fast = E.make_core(**kw), E.make_core(**kw, batched_conv="im2col")
-    assert fast.engine.batched_conv == "im2col" and fast.engine.input_means is xla.engine.input_means
+    xla, fast = E.make_core(**kw), E.make_core(**kw, batched_conv="map")
+    assert fast.engine.batched_conv == "map" and fast.engine.input_means is xla.engine.input_means
     key = jax.random.key(3)
     acts = jnp.asarray(np.random.default_rng(0).integers(0, xla.C, (4, xla.L)), jnp.int32)
     out = [core.jit_step_batch(key, core.jit_reset_batch(key, core.default_params, 4)[1], acts, core.default_params)
            for core in (xla, fast)]
     np.testing.assert_allclose(out[1][2], out[0][2], rtol=1e-4, atol=1e-6)  # rewards
-    with pytest.raises(ValueError, match="batched_conv.*xla.*im2col"):
+    with pytest.raises(ValueError, match="batched_conv.*xla.*im2col.*map"):
         E.EnvConfig(model=tiny_denoiser, batched_conv="cudnn")
     with pytest.raises(ValueError, match="batched_conv must be one of"):
         xla.engine.with_batched_conv("gemm")
