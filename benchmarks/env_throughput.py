@@ -114,7 +114,8 @@ def bench(args) -> dict:
     print(f"  compiles during {args.compile_steps} random-bit steps after warm-up (n={n}): "
           f"{compiles['compiles_after_warmup']} (jit cache growth {compiles['jit_cache_growth']})")
     dev = jax.devices()[0]
-    return {"benchmark": "env_throughput", "model": args.model, "batched_conv": args.batched_conv,
+    from qpolicy.batched_conv import resolve
+    return {"benchmark": "env_throughput", "model": args.model, "batched_conv": resolve(args.batched_conv),
             "sampler_steps": args.sampler_steps,
             "images_per_env": args.images_per_env, "timed_steps": args.steps,
             "machine": {"name": args.device_name, "platform": dev.platform, "device_kind": dev.device_kind,
@@ -132,7 +133,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-steps", type=int, default=1000, help="random-action steps for the compile count")
     ap.add_argument("--compile-envs", type=int, default=None, help="num_envs for the compile count (default: first)")
     ap.add_argument("--bank-size", type=int, default=64)
-    ap.add_argument("--batched-conv", default="xla", help="env.batched_conv: xla | im2col (qpolicy.batched_conv)")
+    ap.add_argument("--batched-conv", default="auto", help="env.batched_conv: auto | xla | im2col | map "
+                    "(qpolicy.batched_conv)")
     ap.add_argument("--out", default=None, help="JSON output path")
     ap.add_argument("--device-name", default=None, help="free-text machine name recorded in the JSON")
     args = ap.parse_args(argv)

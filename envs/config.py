@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from qpolicy.batched_conv import BATCHED_CONV_IMPLS
+from qpolicy.batched_conv import BATCHED_CONV_SETTINGS
 from qpolicy.bits import DEFAULT_BIT_CHOICES, check_choices
 from qpolicy.config import check
 from qpolicy.denoiser import DEFAULT_MODEL, Denoiser
@@ -18,7 +18,9 @@ COST_MODES = ("bops", "latency")
 ACTION_SPACES = ("bits", "profiles")
 #: fields added after the run fingerprint's first version: a run config's fingerprint includes them only when they
 #: differ from their defaults, so the fingerprints of existing runs (and the policies carrying them) stay valid
-LATER_FIELDS = ("cost", "latency_table", "action_space", "profiles", "num_profiles", "profile_spread", "batched_conv")
+LATER_FIELDS = ("cost", "latency_table", "action_space", "profiles", "num_profiles", "profile_spread")
+#: speed knobs: the same numbers up to float rounding, so never part of a run's fingerprint
+SPEED_FIELDS = ("batched_conv",)
 #: the fields of the profile action space (they shape the env's actions, never its engine)
 PROFILE_FIELDS = ("action_space", "profiles", "num_profiles", "profile_spread")
 ENV_BANKS = ("train", "eval")
@@ -59,8 +61,8 @@ class EnvConfig:
         by the sensitivity ILP at num_profiles budgets spread around budget (cached; recorded in the run folder).
     num_profiles: K, profiles the search finds (action_space "profiles", profiles null); duplicates are dropped.
     profile_spread: ratio between neighbouring budgets of the profile search (budget * spread^(k - (K-1)/2)).
-    batched_conv: how the envs' convolutions run with per-env quantized kernels: "xla" (JAX's vmap rule, a grouped
-        convolution) | "im2col" (patches x kernel as one batched GEMM) | "map" (one plain convolution per env in a loop;
+    batched_conv: how the envs' convolutions run with per-env quantized kernels: "auto" ("map" on CPUs, "xla"
+        elsewhere) | "xla" (JAX's vmap rule, a grouped convolution) | "im2col" (patches x kernel as one batched GEMM) | "map" (one plain convolution per env in a loop;
         qpolicy.batched_conv); a speed knob, the
         same numbers up to float rounding (benchmarks/env_step_profile.py compares them).
     """
@@ -89,7 +91,7 @@ class EnvConfig:
     profiles: str | None = None
     num_profiles: int = 4
     profile_spread: float = 2.0
-    batched_conv: str = "xla"
+    batched_conv: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, Path, Denoiser)):
@@ -118,7 +120,7 @@ class EnvConfig:
         put("profiles", kind="str", optional=True)
         put("num_profiles", kind="int", lo=1, hi=64)
         put("profile_spread", kind="real", lo=1, lo_open=True)
-        put("batched_conv", kind="choice", choices=BATCHED_CONV_IMPLS)
+        put("batched_conv", kind="choice", choices=BATCHED_CONV_SETTINGS)
         if self.action_space != "profiles":
             changed = [f for f in PROFILE_FIELDS[1:] if getattr(self, f) != getattr(EnvConfig, f)]
             if changed:
@@ -143,8 +145,8 @@ class EnvConfig:
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The fields as a run's fingerprint hashes them: every field, except :data:`LATER_FIELDS` at their
-        defaults (so configs written before those fields existed keep their fingerprints)."""
-        d = dataclasses.asdict(self)
+        defaults (so configs written before those fields existed keep their fingerprints) and :data:`SPEED_FIELDS`."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in SPEED_FIELDS}
         for f in LATER_FIELDS:
             if d[f] == getattr(EnvConfig, f):
                 del d[f]

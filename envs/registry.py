@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qpolicy.batched_conv import resolve as resolve_batched_conv
 from qpolicy.denoiser import Denoiser, load_denoiser
 from qpolicy.engine import QuantEngine, make_engine, quant_config
 
@@ -39,9 +40,9 @@ def engine_for(cfg: EnvConfig) -> QuantEngine:
     # the action space (bits or profiles) never shapes the quantized sampler
     sk = static_config(cfg).replace(**{f: getattr(EnvConfig, f) for f in PROFILE_FIELDS})
     if sk not in _ENGINES:
-        if cfg.batched_conv != EnvConfig.batched_conv:  # a speed knob: the default engine's copy, not recalibrated
-            _ENGINES[sk] = engine_for(sk.replace(batched_conv=EnvConfig.batched_conv)).with_batched_conv(
-                cfg.batched_conv)
+        impl = resolve_batched_conv(cfg.batched_conv)
+        if cfg.batched_conv != "xla":  # a speed knob: the XLA-rule engine's copy, not recalibrated
+            _ENGINES[sk] = engine_for(sk.replace(batched_conv="xla")).with_batched_conv(impl)
         elif cfg.cost == "latency":
             from qpolicy.latency import load_for
 

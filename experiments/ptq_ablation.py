@@ -32,6 +32,8 @@ p.add_argument("--n", type=int, default=1000)
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--bits", default="4/8,6/6,8/8,4/16,8/16,16/16")
 p.add_argument("--configs", default=None, help="comma-separated subset of the configurations (default: all)")
+p.add_argument("--keep-ends", type=int, default=None,
+               help="also run each pair with the first and last layers at >= this many bits (rows 'ends<B>')")
 p.add_argument("--out", default=None)
 a = p.parse_args()
 den = load_denoiser(a.model)
@@ -65,7 +67,8 @@ def save(rows, fd_fp, complete):
                             "machine": f"{platform.node()} {platform.machine()} {jax.devices()[0].device_kind}",
                             "command": f"python experiments/ptq_ablation.py --model {a.model} --n {a.n}"
                                        + (f" --bits {a.bits}" if a.bits != p.get_default("bits") else "")
-                                       + (f" --configs {a.configs}" if a.configs else ""), "rows": rows})
+                                       + (f" --configs {a.configs}" if a.configs else "")
+                                       + (f" --keep-ends {a.keep_ends}" if a.keep_ends else ""), "rows": rows})
 
 
 rows, fd_fp = [], None
@@ -78,15 +81,16 @@ for name, fields in configs.items():
     bank = reference_bank(eng, "eval", a.n)
     if fd_fp is None:
         fd_fp = sample_quality(np.asarray(bank.traj[-1]), den.dataset, extractor=ext, real_features=rf)["fd"]
-    for w, b in pairs:
-        r = evaluate_schedule(eng, bank, *uniform_bits(eng, w, b))
+    for (w, b), keep in ((pair, k) for pair in pairs for k in ((None, a.keep_ends) if a.keep_ends else (None,))):
+        r = evaluate_schedule(eng, bank, *uniform_bits(eng, w, b, keep_ends=keep))
         fd = sample_quality(r.pop("samples"), den.dataset, extractor=ext, real_features=rf)["fd"]
         ci = mean_ci(r.pop("errors")[-1])["ci"]
-        rows.append({"config": name, "w": w, "a": b, "final_error": r["final_error"], "final_error_ci": ci,
-                     "traj_error": r["traj_error"], "fd": fd, "fd_over_fp": fd / fd_fp,
+        label = f"W{w}A{b}" + (f" ends{keep}" if keep else "")
+        rows.append({"config": name, "w": w, "a": b, "keep_ends": keep, "final_error": r["final_error"],
+                     "final_error_ci": ci, "traj_error": r["traj_error"], "fd": fd, "fd_over_fp": fd / fd_fp,
                      "bops_rel_fp32": r["bops_rel_fp32"], "setup_s": setup_s, **fields})
-        print(f"| {name} | W{w}A{b} | {r['final_error']:.4g} [{ci[0]:.4g}, {ci[1]:.4g}] | {fd:.4g} "
-              f"({fd / fd_fp:.2f}x FP) | {setup_s:.1f} |", flush=True)
+        print(f"| {name} | {label} | {r['final_error']:.4g} [{ci[0]:.4g}, {ci[1]:.4g}] | {fd:.4g} "
+              f"({fd / fd_fp:.3f}x FP) | {setup_s:.1f} |", flush=True)
     save(rows, fd_fp, complete=False)
 print(f"FP fd: {fd_fp:.4g}")
 save(rows, fd_fp, complete=True)

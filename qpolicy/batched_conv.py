@@ -26,6 +26,18 @@ from jax import lax
 
 #: Implementations of a convolution with per-env kernels (QuantEngine.batched_conv).
 BATCHED_CONV_IMPLS = ("xla", "im2col", "map")
+#: What env.batched_conv accepts: an implementation, or "auto" (:func:`resolve`).
+BATCHED_CONV_SETTINGS = ("auto", *BATCHED_CONV_IMPLS)
+
+
+def resolve(setting: str) -> str:
+    """The implementation a setting means on this process's default backend: "auto" is "map" on CPUs (measured
+    faster there, benchmarks/results/env_step_profile_cpu_digits16.json) and "xla" elsewhere (GPUs: unmeasured)."""
+    if setting not in BATCHED_CONV_SETTINGS:
+        raise ValueError(f"batched_conv must be one of {BATCHED_CONV_SETTINGS}, got {setting!r}")
+    if setting != "auto":
+        return setting
+    return "map" if jax.default_backend() == "cpu" else "xla"
 
 
 def _im2col_ok(lhs_ndim: int, kw: dict) -> tuple[bool, Any]:
@@ -103,4 +115,4 @@ def conv_interceptor(impl: str):
     return interceptor
 
 
-__all__ = ["BATCHED_CONV_IMPLS", "conv", "conv_interceptor"]
+__all__ = ["BATCHED_CONV_IMPLS", "BATCHED_CONV_SETTINGS", "conv", "conv_interceptor", "resolve"]

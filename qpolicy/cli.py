@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "shortcut splitting, bias correction, weight clipping search; plain: none of them; "
                             "ptq-smooth: ptq + SmoothQuant at weight bits >= 8; ptq-recon: ptq + AdaRound; "
                             "ptq-gptq: ptq + GPTQ; full: ptq + SmoothQuant + AdaRound)")
+        q.add_argument("--keep-ends", type=int, default=None, metavar="B",
+                       help="with --w/--a: the first and last layers (those reading or writing the image) at >= B "
+                            "bits, the PTQ convention (e.g. 8 under W4A8)")
         q.add_argument("--bank", default="eval", choices=("eval", "train"), help="noise bank (default: eval)")
         q.add_argument("--json", action="store_true", help="print JSON")
 

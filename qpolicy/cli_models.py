@@ -95,7 +95,7 @@ def cmd_quantize(a) -> int:
         raise ValueError(f"the quantized sampler gave non-finite {', '.join(bad)} ({eng.qcfg.preset}, "
                          f"{eng.qcfg.act_ranges} ranges): the bits or the model overflow")
     res = {"model": den.name, "sampler": eng.sampler.kind, "act_ranges": eng.qcfg.act_ranges, "preset": eng.qcfg.preset,
-           **res}
+           **({"keep_ends": a.keep_ends} if getattr(a, "keep_ends", None) is not None else {}), **res}
     if a.json:
         print_json(res)
     else:
@@ -118,14 +118,16 @@ def _engine_for(a):
             raise ValueError("give --w and --a (uniform bits), or --schedule FILE")
         check_bits(a.w, qcfg.bit_choices, field="--w")
         check_bits(a.a, qcfg.bit_choices, field="--a")
+        if a.keep_ends is not None:
+            check_bits(a.keep_ends, qcfg.bit_choices, field="--keep-ends")
     den = load_denoiser(a.model)
     if a.schedule:
         from .diffusion import make_sampler
         from .engine import quant_config_from_block
         from .schedule import load_schedule_for, read_bits_file
 
-        if a.w is not None or a.a is not None:
-            raise ValueError("give either --w/--a (uniform bits) or --schedule FILE, not both")
+        if a.w is not None or a.a is not None or a.keep_ends is not None:
+            raise ValueError("give either --w/--a [--keep-ends] (uniform bits) or --schedule FILE, not both")
         steps = read_bits_file(a.schedule, L=len(den.layers))[0].shape[0]  # the schedule fixes T
         sched = load_schedule_for(a.schedule, den, make_sampler(den.schedule, a.sampler, steps),
                                   quantizer=qcfg.quantizer_block())
@@ -139,7 +141,7 @@ def _engine_for(a):
         eng = make_engine(den, steps=steps, sampler=a.sampler, qcfg=sq)
         return den, eng, (sched.bits_w, sched.bits_a)
     eng = make_engine(den, steps=a.steps, sampler=a.sampler, qcfg=qcfg)
-    return den, eng, uniform_bits(eng, a.w, a.a)
+    return den, eng, uniform_bits(eng, a.w, a.a, keep_ends=a.keep_ends)
 
 
 def cmd_fidelity(a) -> int:

@@ -146,6 +146,42 @@ def trace_layers(module: nn.Module, variables: Any, image_shape: Sequence[int]) 
     return tuple(LayerInfo(index=i, **d) for i, d in enumerate(found.values()))
 
 
+def end_layers(den: Any) -> tuple[int, ...]:
+    """Registry indices of the layers at the model's ends: those that read the input image (an input of the image's
+    shape, e.g. ``conv_in``) or write an image-shaped output (e.g. ``conv_out``), in registry order. Found by one
+    shape-only forward; ``den``: a :class:`qpolicy.denoiser.Denoiser`."""
+    index = {path_tuple(l.path): l.index for l in den.layers}
+    image = (1, *den.image_shape)
+    ends: set[int] = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        i = index.get(tuple(context.module.scope.path)) if context.method_name == "__call__" else None
+        if i is not None and args and _is_array(args[0]) and (tuple(args[0].shape) == image
+                                                               or (_is_array(out) and tuple(out.shape) == image)):
+            ends.add(i)
+        return out
+
+    def run(v):
+        with nn.intercept_methods(interceptor):
+            return den.module.apply(v, jnp.zeros(image, jnp.float32), jnp.zeros((1,), jnp.int32))
+
+    jax.eval_shape(run, den.variables)
+    if not ends:
+        raise ValueError(f"model {den.name!r}: no registered layer reads or writes an image-shaped tensor {image}, so "
+                         "it has no end layers to keep at higher bits")
+    return tuple(sorted(ends))
+
+
+def keep_ends(den: Any, bits: Any, floor: int) -> Any:
+    """(S, L) bits with the model's :func:`end_layers` raised to at least ``floor`` bits (a copy): the PTQ
+    convention of keeping the first and last layers at 8 bits when the rest of the network runs at fewer."""
+    out = np.array(bits, np.int32, copy=True)
+    cols = list(end_layers(den))
+    out[..., cols] = np.maximum(out[..., cols], int(floor))
+    return out
+
+
 def layer_hash(layers: Sequence[LayerInfo]) -> str:
     """Stable 16-hex-digit hash of (path, kind, weight shape) in registry order."""
     blob = json.dumps([[l.path, l.kind, list(l.weight_shape)] for l in layers]).encode()
@@ -213,5 +249,5 @@ def format_table(layers: Sequence[LayerInfo]) -> str:
     return "\n".join(lines + [total])
 
 
-__all__ = ["LayerInfo", "trace_layers", "layer_hash", "layer_params", "map_layer_weights", "activation_interceptor",
+__all__ = ["LayerInfo", "trace_layers", "end_layers", "keep_ends", "layer_hash", "layer_params", "map_layer_weights", "activation_interceptor",
            "total_macs", "format_table", "KNOWN_KINDS"]

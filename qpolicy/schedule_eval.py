@@ -111,7 +111,14 @@ def evaluate_schedule(engine: QuantEngine, bank: ReferenceBank, bits_w: Any, bit
     return out
 
 
-def uniform_bits(engine: QuantEngine, w: int, a: int) -> tuple[np.ndarray, np.ndarray]:
-    """(S, L) schedules with every entry w (weights) and a (activations)."""
+def uniform_bits(engine: QuantEngine, w: int, a: int, *, keep_ends: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(S, L) schedules with every entry w (weights) and a (activations); ``keep_ends``: the model's first and last
+    layers (:func:`qpolicy.layers.end_layers`) at no fewer than that many bits (the PTQ convention, e.g. 8)."""
     shape = (engine.num_steps, engine.num_layers)
-    return np.full(shape, w, np.int32), np.full(shape, a, np.int32)
+    bw, ba = np.full(shape, w, np.int32), np.full(shape, a, np.int32)
+    if keep_ends is None:
+        return bw, ba
+    from .layers import keep_ends as raise_ends
+
+    return raise_ends(engine.den, bw, keep_ends), raise_ends(engine.den, ba, keep_ends)

@@ -117,14 +117,18 @@ def test_engine_step_matches_xla_and_is_unchanged_unbatched(tiny_denoiser, impl)
 
 def test_env_batched_conv_setting(tiny_denoiser):
     kw = dict(model=tiny_denoiser, num_steps=3, bank_size=8, images_per_env=2)
-    xla, fast = E.make_core(**kw), E.make_core(**kw, batched_conv="map")
+    xla, fast = E.make_core(**kw, batched_conv="xla"), E.make_core(**kw, batched_conv="map")
     assert fast.engine.batched_conv == "map" and fast.engine.input_means is xla.engine.input_means
     key = jax.random.key(3)
     acts = jnp.asarray(np.random.default_rng(0).integers(0, xla.C, (4, xla.L)), jnp.int32)
     out = [core.jit_step_batch(key, core.jit_reset_batch(key, core.default_params, 4)[1], acts, core.default_params)
            for core in (xla, fast)]
     np.testing.assert_allclose(out[1][2], out[0][2], rtol=1e-4, atol=1e-6)  # rewards
-    with pytest.raises(ValueError, match="batched_conv.*xla.*im2col.*map"):
+    auto = E.make_core(**kw)
+    assert auto.engine.batched_conv == ("map" if jax.default_backend() == "cpu" else "xla")
+    # a speed knob: never in a run's fingerprint, so a policy trained under one runs under another
+    assert "batched_conv" not in fast.config.fingerprint_dict() and "reward" in fast.config.fingerprint_dict()
+    with pytest.raises(ValueError, match="batched_conv.*auto.*xla.*im2col.*map"):
         E.EnvConfig(model=tiny_denoiser, batched_conv="cudnn")
     with pytest.raises(ValueError, match="batched_conv must be one of"):
         xla.engine.with_batched_conv("gemm")

@@ -62,6 +62,23 @@ def test_quantize_bad_bits_and_missing_model(capsys):
     assert "not an accepted bitwidth" in capsys.readouterr().err
     assert main(["layers", "--model", "no_such_model"]) == 2
     assert "shipped models" in capsys.readouterr().err
+    assert main(["quantize", "--model", "digits16", "--w", "4", "--a", "8", "--keep-ends", "9", "--n", "2",
+                 "--no-fd"]) == 2
+    assert "--keep-ends" in capsys.readouterr().err
+
+
+def test_quantize_keep_ends_raises_only_the_end_layers(capsys):
+    common = ["quantize", "--model", "digits16", "--w", "4", "--a", "8", "--n", "4", "--steps", "2", "--no-fd",
+              "--json"]
+    assert main(common) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert main(common + ["--keep-ends", "8"]) == 0
+    ends = json.loads(capsys.readouterr().out)
+    assert ends["keep_ends"] == 8 and "keep_ends" not in strict
+    # conv_in and conv_out hold 147,456 of digits16's 63,987,712 MACs: W8A8 instead of W4A8 there
+    macs, ends_macs = 63_987_712, 2 * 73_728
+    expect = (4 * 8 * (macs - ends_macs) + 8 * 8 * ends_macs) / (32 * 32 * macs)
+    assert abs(ends["bops_rel_fp32"] - expect) < 1e-9 and abs(strict["bops_rel_fp32"] - 4 * 8 / 1024) < 1e-9
 
 
 def test_calibrate_stores_ranges_with_the_model(tmp_path, tiny_denoiser):

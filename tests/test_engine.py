@@ -296,3 +296,33 @@ def test_static_ranges_with_fewer_steps_than_buckets_and_symmetric_activations(t
     np.testing.assert_allclose(t[..., 0], -t[..., 1])
     bank = reference_bank(eng, "eval", 2)
     assert np.isfinite(evaluate_schedule(eng, bank, *uniform_bits(eng, 4, 4))["final_error"])
+
+
+def test_end_layers_and_keep_ends(tiny, user_den):
+    from qpolicy.layers import end_layers, keep_ends
+
+    paths = [l.path for l in tiny.layers]
+    ends = end_layers(tiny)
+    assert [paths[i] for i in ends] == ["conv_in", "conv_out"]  # read the image / write eps, nothing else
+    eng = make_engine(tiny, steps=3)
+    bw, ba = uniform_bits(eng, 4, 8, keep_ends=8)
+    assert (bw[:, list(ends)] == 8).all() and (ba == 8).all()
+    others = [i for i in range(len(paths)) if i not in ends]
+    assert (bw[:, others] == 4).all()
+    # a floor below the bits leaves them; the input is not modified
+    src = np.full((3, len(paths)), 16)
+    assert (keep_ends(tiny, src, 8) == 16).all() and (src == 16).all()
+    # the user model: its custom "body" reads the image; its head writes (B, H*W, 1), reshaped outside any layer
+    assert [user_den.layers[i].path for i in end_layers(user_den)] == ["body"]
+    # a model whose registered layers never see an image-shaped tensor has no ends
+    flat = FlatModel()
+    den = wrap_denoiser(flat, flat.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32)),
+                        image_shape=(4, 4, 1), schedule=make_schedule("cosine", 100), name="flat")
+    with pytest.raises(ValueError, match="'flat': no registered layer reads or writes an image-shaped tensor"):
+        end_layers(den)
+
+
+class FlatModel(nn.Module):
+    @nn.compact
+    def __call__(self, x, t):
+        return nn.Dense(16)(x.reshape(x.shape[0], -1)).reshape(x.shape)
