@@ -11,10 +11,13 @@ warm-up (median of 3 rounds), with XLA's own cost analysis of the compiled progr
   weight_quant_only     per-env weights fake-quantized at each env's bits (quantize_params), no activation quant
   quantize_params_only  the per-env weight quantization alone (no forward)
   act_quant_only        shared FP weights, each layer's input fake-quantized at each env's bits (the interceptor)
-  engine_step           the full quantized sampler step (engine.step), vmapped over envs
+  engine_step_xla       the full quantized sampler step (engine.step), vmapped over envs, JAX's grouped-conv rule
   engine_step_im2col    the same with the per-env convolutions as batched GEMMs (qpolicy.batched_conv)
   engine_step_map       the same with one plain convolution per env in a loop
-  env_step              the env's jitted batched step (engine step + error vs the reference + reward + obs + reset)
+  env_step              the env's jitted batched step (engine step + error vs the reference + reward + obs + reset),
+                        with env.batched_conv as given (--batched-conv; "auto" by default)
+
+XLA's cost analysis counts a loop body once, so the FLOPs of the "map" rows are one env's.
 
 The differences between rows say which part of the quantized step costs what; ``ratio`` is time / fp_forward.
 """
@@ -93,10 +96,9 @@ def pieces(core, params, n: int, seed: int = 0) -> dict:
                               (bits, x, keys)),
         "quantize_params_only": (jax.jit(jax.vmap(lambda b: eng.quantize_params(b, i))), (bits,)),
         "act_quant_only": (jax.jit(jax.vmap(act_only)), (bits, x, keys)),
-        "engine_step": (jax.jit(jax.vmap(lambda b, xe, ke: eng.step(xe, i, ke, b, b))), (bits, x, keys)),
         **{f"engine_step_{impl}": (jax.jit(jax.vmap(lambda b, xe, ke, e=eng.with_batched_conv(impl):
                                                     e.step(xe, i, ke, b, b))), (bits, x, keys))
-           for impl in BATCHED_CONV_IMPLS if impl != eng.batched_conv},
+           for impl in BATCHED_CONV_IMPLS},
         "env_step": (core.jit_step_batch, (key, states, acts, params)),
     }
 
@@ -105,7 +107,9 @@ def profile(args) -> dict:
     from qpolicy.envs import QuantDiffusionVectorEnv
     out = []
     dev = jax.devices()[0]
+    from qpolicy.batched_conv import resolve
     res = {"benchmark": "env_step_profile", "model": args.model, "preset": args.preset,
+           "env_batched_conv": resolve(args.batched_conv),
            "sampler_steps": args.sampler_steps, "images_per_env": args.images_per_env, "timed_steps": args.steps,
            "machine": {"name": args.device_name, "platform": dev.platform, "device_kind": dev.device_kind,
                        "cpu_count": os.cpu_count(), "host": platform.platform(), "jax": jax.__version__},
@@ -114,7 +118,7 @@ def profile(args) -> dict:
         venv = QuantDiffusionVectorEnv(n, model=args.model, num_steps=args.sampler_steps,
                                        images_per_env=args.images_per_env,
                                        bank_size=max(args.bank_size, args.images_per_env),
-                                       tie_weights_activations=True,
+                                       tie_weights_activations=True, batched_conv=args.batched_conv,
                                        **({"quant_preset": args.preset} if args.preset else {}))
         core, params = venv.core, venv.params
         rows = {}
@@ -144,6 +148,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sampler-steps", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10, help="timed calls per round")
     ap.add_argument("--bank-size", type=int, default=64)
+    ap.add_argument("--batched-conv", default="auto", help="env.batched_conv of the env_step row")
     ap.add_argument("--preset", default=None, help="quantizer preset (default: the engine's default)")
     ap.add_argument("--pieces", nargs="*", default=None,
                     help="pieces timed beyond the smallest num_envs (default: all; fp_forward is always kept)")

@@ -7,7 +7,7 @@ source "$(dirname "$0")/../experiments/gpu_env.sh"
 DEV="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 case "${PART:-profile}" in
   profile)
-    FAST="engine_step engine_step_im2col engine_step_map env_step"
+    FAST="engine_step_xla engine_step_im2col engine_step_map env_step"
     timeout 270 python3 benchmarks/env_step_profile.py --model digits16 --num-envs 64 256 1024 --steps 10 \
       --pieces $FAST --out "$OUT/env_step_profile_gpu_digits16.json" --device-name "$DEV"
     timeout 270 python3 benchmarks/env_step_profile.py --model patches32 --num-envs 256 1024 --steps 5 \

@@ -34,6 +34,7 @@ p.add_argument("--bits", default="4/8,6/6,8/8,4/16,8/16,16/16")
 p.add_argument("--configs", default=None, help="comma-separated subset of the configurations (default: all)")
 p.add_argument("--keep-ends", type=int, default=None,
                help="also run each pair with the first and last layers at >= this many bits (rows 'ends<B>')")
+p.add_argument("--eval-seed", type=int, default=None, help="eval bank noise seed (default: the eval bank's own)")
 p.add_argument("--out", default=None)
 a = p.parse_args()
 den = load_denoiser(a.model)
@@ -68,7 +69,9 @@ def save(rows, fd_fp, complete):
                             "command": f"python experiments/ptq_ablation.py --model {a.model} --n {a.n}"
                                        + (f" --bits {a.bits}" if a.bits != p.get_default("bits") else "")
                                        + (f" --configs {a.configs}" if a.configs else "")
-                                       + (f" --keep-ends {a.keep_ends}" if a.keep_ends else ""), "rows": rows})
+                                       + (f" --keep-ends {a.keep_ends}" if a.keep_ends else "")
+                                       + (f" --eval-seed {a.eval_seed}" if a.eval_seed is not None else ""),
+                            "eval_seed": a.eval_seed, "rows": rows})
 
 
 rows, fd_fp = [], None
@@ -78,7 +81,7 @@ for name, fields in configs.items():
     t0 = time.perf_counter()
     eng = make_engine(den, steps=a.steps, qcfg=quant_config("plain", **fields))
     setup_s = time.perf_counter() - t0
-    bank = reference_bank(eng, "eval", a.n)
+    bank = reference_bank(eng, "eval", a.n, seed=a.eval_seed)
     if fd_fp is None:
         fd_fp = sample_quality(np.asarray(bank.traj[-1]), den.dataset, extractor=ext, real_features=rf)["fd"]
     for (w, b), keep in ((pair, k) for pair in pairs for k in ((None, a.keep_ends) if a.keep_ends else (None,))):
