@@ -14,8 +14,12 @@ unseen noise seed) image by image (``grouped_errors`` with one image per group, 
 numerics), paired per image against the run's ``search_evolution`` and its learned policy's mean schedule, with
 95 % CIs. Writes a JSON to --out.
 
+With ``--warm`` every per-scale search starts from the run's ``search_evolution`` schedule (repaired to its budget),
+which also stands unsearched as each scale's ratio-1 option: a refinement that spends ``--compute`` forwards on
+top of the run's search (report both).
+
 Usage: python experiments/request_search.py --run RUN_DIR --out FILE.json [--n 512] [--eval-seed 5000]
-       [--ratios 0.7,1,1.4] [--search-images 24] [--select-images 32]
+       [--ratios 0.7,1,1.4] [--search-images 24] [--select-images 32] [--warm --compute 80000]
 """
 import argparse
 import itertools
@@ -45,6 +49,9 @@ p.add_argument("--population", type=int, default=8)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--compute", type=int, default=None,
                help="forwards all per-scale searches may spend together (default: the run's search_evolution's)")
+p.add_argument("--warm", action="store_true",
+               help="seed every per-scale search with the run's search_evolution schedule, which also stands as each "
+                    "scale's ratio-1 entry unsearched (then --compute is spent on top of the run's search)")
 p.add_argument("--target", type=float, default=None, help="mean BOPs/FP32 over requests (default: the learned cost)")
 p.add_argument("--out", required=True)
 a = p.parse_args()
@@ -71,12 +78,18 @@ if short:
 part = lambda k, lo, hi: ReferenceBank(name=f"train[s={scales[k]}]", keys=tb.keys[sel[k][lo:hi]],  # noqa: E731
                                        traj=tb.traj[:, sel[k][lo:hi]])
 sens = layer_sensitivity(eng, tb, max_images=16)
-per_search = compute // (K * len(ratios))
+glob = (z["search_evolution__w"], z["search_evolution__a"])
+searched = [j for j, r in enumerate(ratios) if not (a.warm and r == 1.0)]
+per_search = compute // (K * len(searched))
 gens = max(0, per_search // (a.population * a.search_images * S) - 1)
 found, spent = {}, 0
-for k, (j, r) in itertools.product(range(K), enumerate(ratios)):
+for k in range(K):
+    for j in set(range(len(ratios))) - set(searched):
+        found[k, j] = glob
+for k, j in itertools.product(range(K), searched):
+    r = ratios[j]
     b = search_schedule(eng, part(k, 0, a.search_images), target * r, generations=gens, population=a.population,
-                        seed=a.seed + 100 * k + j, sens=sens)
+                        seed=a.seed + 100 * k + j, sens=sens, init=[glob] if a.warm else ())
     found[k, j] = (b.bits_w, b.bits_a)
     spent += int(b.info["forwards"])
     print(f"scale {scales[k]} budget {target * r:.4f}: train score {b.info['best_score']:.5f} "
@@ -115,7 +128,7 @@ others = {k: static(k) for k in ("search_evolution", f"learned_{s.cfg.agent}_mea
 by_scale = lambda v: {str(g): float(v[ek == i].mean()) for i, g in enumerate(scales)}  # noqa: E731
 out = {"run": str(a.run), "model": eng.den.name, "n": s.n, "eval_seed": s.eval_seed, "target_bops_rel_fp32": target,
        "ratios": ratios, "search_images": a.search_images, "select_images": a.select_images,
-       "generations": gens, "population": a.population, "forwards_spent": spent,
+       "generations": gens, "population": a.population, "warm": a.warm, "forwards_spent": spent,
        "search_evolution_forwards": compute,
        "select_error": {str(g): dict(zip(map(str, ratios), E[i].round(6).tolist())) for i, g in enumerate(scales)},
        "select_cost": {str(g): dict(zip(map(str, ratios), cost[i].round(5).tolist())) for i, g in enumerate(scales)},
