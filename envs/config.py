@@ -61,10 +61,10 @@ class EnvConfig:
         by the sensitivity ILP at num_profiles budgets spread around budget (cached; recorded in the run folder).
     num_profiles: K, profiles the search finds (action_space "profiles", profiles null); duplicates are dropped.
     profile_spread: ratio between neighbouring budgets of the profile search (budget * spread^(k - (K-1)/2)).
-    batched_conv: how the envs' convolutions run with per-env quantized kernels: "auto" ("map" on CPUs, "xla"
-        elsewhere) | "xla" (JAX's vmap rule, a grouped convolution) | "im2col" (patches x kernel as one batched GEMM) | "map" (one plain convolution per env in a loop;
-        qpolicy.batched_conv); a speed knob, the
-        same numbers up to float rounding (benchmarks/env_step_profile.py compares them).
+    batched_conv: how the envs' convolutions run with per-env quantized kernels (qpolicy.batched_conv): "auto" ("map"
+        on CPUs, "xla" elsewhere) | "xla" (JAX's vmap rule, a grouped convolution) | "im2col" (patches x kernel as
+        one batched GEMM) | "map" (one plain convolution per env in a loop); a speed knob, the same numbers up to
+        float rounding, never in the run fingerprint (benchmarks/env_step_profile.py compares them).
     """
 
     model: Any = DEFAULT_MODEL
