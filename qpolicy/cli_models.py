@@ -126,8 +126,11 @@ def _engine_for(a):
         from .engine import quant_config_from_block
         from .schedule import load_schedule_for, read_bits_file
 
-        if a.w is not None or a.a is not None or a.keep_ends is not None:
-            raise ValueError("give either --w/--a [--keep-ends] (uniform bits) or --schedule FILE, not both")
+        if a.w is not None or a.a is not None:
+            raise ValueError("give either --w/--a (uniform bits) or --schedule FILE, not both")
+        if a.keep_ends is not None:
+            raise ValueError("--keep-ends applies to uniform bits (--w/--a), not to --schedule FILE (its bits are "
+                             "used as given)")
         steps = read_bits_file(a.schedule, L=len(den.layers))[0].shape[0]  # the schedule fixes T
         sched = load_schedule_for(a.schedule, den, make_sampler(den.schedule, a.sampler, steps),
                                   quantizer=qcfg.quantizer_block())

@@ -135,6 +135,8 @@ CLI_CASES = [
      r"shape.json: bits_w has shape 1 x 1; expected T x \d+ \(sampler steps x model layers\)"),
     ("quantize-schedule-and-bits", Q + ["--schedule", f"{R}/shape.json", "--w", "8"],
      r"give either --w/--a \(uniform bits\) or --schedule FILE, not both"),
+    ("quantize-schedule-and-keep-ends", Q + ["--schedule", f"{R}/shape.json", "--keep-ends", "8"],
+     r"--keep-ends applies to uniform bits \(--w/--a\), not to --schedule FILE"),
     # run configs
     ("train-missing-config", ["train", "--config", f"{R}/none.yaml"], r"config file not found: .*none.yaml"),
     ("train-bad-yaml", ["train", "--config", f"{R}/bad.yaml"], r"config .*bad.yaml is not valid YAML"),
