@@ -38,18 +38,7 @@ from qpolicy.bits import to_bits
 from qpolicy.io import atomic_write_json
 from qpolicy.layers import activation_interceptor
 
-
-def _time(fn, reps: int) -> float:
-    """Seconds per call (median of 3 rounds of ``reps`` calls)."""
-    jax.block_until_ready(fn())
-    out = []
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            r = fn()
-        jax.block_until_ready(r)
-        out.append((time.perf_counter() - t) / reps)
-    return float(np.median(out))
+from env_throughput import _time  # benchmarks/env_throughput.py (the script's own folder)
 
 
 def _cost(jitted, *args) -> dict:
@@ -79,7 +68,8 @@ def pieces(core, params, n: int, seed: int = 0) -> dict:
     keys = params.bank_keys[states.idx]  # (n, B)
     i = jnp.asarray(3, jnp.int32)
     t = jnp.full((B,), eng.sampler.timesteps[3], jnp.int32)
-    stacked = jax.tree_util.tree_map(lambda p: jnp.broadcast_to(p, (n, *p.shape)) + 0, den.params)
+    # one weight copy per env, materialised only when that piece is timed (n copies of a large model are GBs)
+    stacked = lambda: jax.tree_util.tree_map(lambda p: jnp.broadcast_to(p, (n, *p.shape)) + 0, den.params)  # noqa: E731
 
     def apply(p, xe, ke):
         return den.apply(p, xe, t, ke if den.conditioning is not None else None)
@@ -125,6 +115,8 @@ def profile(args) -> dict:
         for name, (fn, a) in pieces(core, params, n).items():
             if args.pieces and name not in (*args.pieces, "fp_forward") and n > min(args.num_envs):
                 continue
+            a = tuple(v() if callable(v) else v for v in a)
+            jax.block_until_ready(fn(*a))  # compile and warm up outside the timed rounds
             s = _time(lambda: fn(*a), args.steps)
             rows[name] = {"ms": s * 1e3, **_cost(fn, *a)}
         fp = rows["fp_forward"]["ms"]

@@ -17,10 +17,11 @@ import time
 
 import numpy as np
 
+import conditional_run  # experiments/conditional_run.py (the script's own folder)
+
 from qpolicy.agents.budget import schedule_cost
 from qpolicy.banks import reference_bank
 from qpolicy.conditioning import request_table
-from qpolicy.evaluation import setup
 from qpolicy.io import atomic_write_text
 from qpolicy.schedule_eval import evaluate_schedule, grouped_errors
 from qpolicy.stats import mean_ci, paired_difference
@@ -34,13 +35,8 @@ p.add_argument("--target", type=float, default=None, help="mean BOPs/FP32 over r
 p.add_argument("--out", required=True)
 a = p.parse_args()
 t0 = time.time()
-s = setup(a.run, n=a.n, eval_seed=a.eval_seed)
-eng, cond = s.engine, s.engine.den.conditioning
-if cond is None:
-    raise SystemExit(f"--run {a.run}: its model {eng.den.name!r} is not conditional (no request to read)")
-ev = json.loads((s.run_dir / "eval" / "evaluation.json").read_text())
-target = a.target or ev["policies"][0]["bops_rel_fp32"]
-z = np.load(s.run_dir / "eval" / "schedules.npz")
+r = conditional_run.load(a.run, a.n, a.eval_seed, a.target)
+s, eng, cond, ev, z, target = r.s, r.eng, r.cond, r.ev, r.z, r.target
 names = [k[:-3] for k in z.files if k.endswith("__w") and k[:-3] != f"learned_{s.cfg.agent}"]
 menu = {k: (z[k + "__w"], z[k + "__a"]) for k in names}
 cost = np.array([schedule_cost(eng, *menu[k]) for k in names])
